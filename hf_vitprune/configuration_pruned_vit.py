@@ -59,7 +59,7 @@ class PrunedViTConfig(PretrainedConfig):
         pooling: `"cls"` (final LayerNorm, then the CLS token) or `"avg"` (mean of patch tokens, then the final
             LayerNorm, as timm's `global_pool="avg"`).
         pooler_output_size, pooler_act: the optional pooler of HF `ViTModel` (dense + activation on the pooled
-            token; width defaults to `hidden_size`).
+            token); `PrunedViTModel` has one when `pooler_output_size` is set.
         pruning: free-form record of how the model was obtained (method, source, target, achieved cost).
     """
 

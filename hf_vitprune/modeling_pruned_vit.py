@@ -279,10 +279,15 @@ class PrunedViTPreTrainedModel(PreTrainedModel):
 
 class PrunedViTModel(PrunedViTPreTrainedModel):
     """The bare PrunedViT encoder. `pooler_output` is the classifier's input: the pooler's output when the model
-    has one (HF `ViTModel`), else the pooled, normalised features (CLS token or mean of patch tokens)."""
+    has one (HF `ViTModel`), else the pooled, normalised features (CLS token or mean of patch tokens).
 
-    def __init__(self, config: PrunedViTConfig, add_pooling_layer: bool = True):
+    `add_pooling_layer` defaults to `config.pooler_output_size is not None`, so `AutoModel` on a classification
+    checkpoint gives its features rather than a freshly initialised pooler."""
+
+    def __init__(self, config: PrunedViTConfig, add_pooling_layer: bool | None = None):
         super().__init__(config)
+        if add_pooling_layer is None:
+            add_pooling_layer = config.pooler_output_size is not None
         self.embeddings = PrunedViTEmbeddings(config)
         self.layers = nn.ModuleList([PrunedViTLayer(config, i) for i in range(config.num_hidden_layers)])
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
