@@ -32,6 +32,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_pruned_vit import PrunedViTConfig
 
+
 def gated_layer_norm(hidden_states: torch.Tensor, norm: nn.LayerNorm, gate: torch.Tensor | None) -> torch.Tensor:
     """LayerNorm whose statistics are taken over active channels only (weights `gate`), output re-gated.
 
@@ -322,7 +323,9 @@ class PrunedViTModel(PrunedViTPreTrainedModel):
             all_attentions.append(weights)
         if self.config.pooling == "avg":
             sequence_output = hidden_states
-            pooled = gated_layer_norm(hidden_states[:, self.embeddings.num_prefix_tokens :].mean(1), self.layernorm, gate)
+            pooled = gated_layer_norm(
+                hidden_states[:, self.embeddings.num_prefix_tokens :].mean(1), self.layernorm, gate
+            )
         else:
             sequence_output = gated_layer_norm(hidden_states, self.layernorm, gate)
             pooled = sequence_output[:, 0]

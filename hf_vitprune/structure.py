@@ -79,10 +79,11 @@ def _parameter_like(model: nn.Module) -> torch.Tensor:
 
 
 def enable_gates(model: nn.Module, kinds: tuple[str, ...] = KINDS, requires_grad: bool = True) -> dict:
-    """Put all-ones gates on every layer of `kinds` and return them as {kind: [tensor per layer]}.
+    """Put gates on every layer of `kinds` and return them as {kind: [tensor per layer]}.
 
-    The gates are leaf tensors on the model's device; after a backward pass their `.grad` holds dL/dg at g=1,
-    the raw material of Taylor and Fisher scores. Remove them with `remove_gates`.
+    A gate starts at the layer's current mask when one is applied (`apply_masks`), else at ones. The gates are
+    leaf tensors on the model's device; after a backward pass their `.grad` holds dL/dg, the raw material of
+    Taylor and Fisher scores. Remove them with `remove_gates` (which also removes masks: re-apply them after).
     """
     reference = _parameter_like(model)
     counts = unit_counts(base_model(model).config)
@@ -90,7 +91,9 @@ def enable_gates(model: nn.Module, kinds: tuple[str, ...] = KINDS, requires_grad
     for kind in check_kinds(kinds):
         gates[kind] = []
         for (module, name), size in zip(gate_owners(model, kind), counts[kind]):
-            gate = torch.ones(size, device=reference.device, dtype=reference.dtype, requires_grad=requires_grad)
+            current = getattr(module, name)
+            start = torch.ones(size) if current is None else current.detach()
+            gate = start.to(device=reference.device, dtype=reference.dtype).clone().requires_grad_(requires_grad)
             setattr(module, name, gate)
             gates[kind].append(gate)
     return gates

@@ -1,0 +1,65 @@
+"""The contract every pruning method follows: a config dataclass, `score` (importance per unit) and `select`
+(which units go to meet a budget). Methods only score and select; `prune()` and the callbacks decide when."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+from ..budget import SCOPES, Budget, Selector
+from ..importance import Scores
+from ..structure import PruningPlan, check_kinds
+
+
+@dataclass
+class PruningMethodConfig:
+    """Options shared by the methods.
+
+    Args:
+        kinds: unit kinds to prune (see `hf_vitprune.structure.UNIT_KINDS`).
+        scope: "global" (one cost-normalised ranking across layers and kinds) or "uniform" (same fraction per
+            layer).
+        round_to: keep dims in multiples of this (int, or per kind), for hardware-friendly shapes.
+    """
+
+    kinds: tuple[str, ...] = ("embed", "head", "mlp")
+    scope: str = "global"
+    round_to: int | dict[str, int] = 1
+
+    def __post_init__(self) -> None:
+        self.kinds = check_kinds(tuple(self.kinds) if not isinstance(self.kinds, str) else self.kinds)
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}.")
+
+
+class PruningMethod:
+    """Base class: subclasses set `name`, `config_class`, `data_driven` and implement `score`."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[PruningMethodConfig]] = PruningMethodConfig
+    data_driven: ClassVar[bool] = False
+
+    def __init__(self, config: PruningMethodConfig | None = None, **kwargs) -> None:
+        if config is None:
+            allowed = {f.name for f in dataclasses.fields(self.config_class)}
+            unknown = sorted(set(kwargs) - allowed)
+            if unknown:
+                raise TypeError(f"{self.name} got unknown options {unknown}; allowed: {sorted(allowed)}.")
+            config = self.config_class(**kwargs)
+        elif kwargs:
+            raise TypeError("pass either a config or keyword options, not both.")
+        self.config = config
+
+    def score(self, model: nn.Module, dataloader: Iterable | None = None) -> Scores:
+        raise NotImplementedError
+
+    def select(self, model: nn.Module, scores: Scores, budget: Budget) -> PruningPlan:
+        selector = Selector(model, budget, self.config.kinds, self.config.round_to)
+        return selector.select(scores, scope=self.config.scope)
+
+    def check_reachable(self, model: nn.Module, budget: Budget) -> None:
+        Selector(model, budget, self.config.kinds, self.config.round_to).check_reachable()
