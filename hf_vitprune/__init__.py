@@ -3,12 +3,16 @@
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
 from .configuration_pruned_vit import PrunedViTConfig
+from .convert import to_pruned_vit
+from .cost import count_macs, count_params
 from .modeling_pruned_vit import (
     PrunedViTForImageClassification,
     PrunedViTForImageClassificationWithTeacher,
     PrunedViTModel,
     PrunedViTPreTrainedModel,
 )
+from .pruner import prune
+from .structure import PruningPlan
 
 __version__ = "0.1.0"
 
@@ -26,4 +30,9 @@ __all__ = [
     "PrunedViTForImageClassificationWithTeacher",
     "PrunedViTModel",
     "PrunedViTPreTrainedModel",
+    "PruningPlan",
+    "count_macs",
+    "count_params",
+    "prune",
+    "to_pruned_vit",
 ]
