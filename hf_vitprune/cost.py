@@ -1,0 +1,185 @@
+"""Analytic cost model of PrunedViT: multiply-accumulates (MACs) and parameters, from the config alone.
+
+MACs are per image (times `batch_size`) and count every matrix product of the forward pass: the patch-embedding
+convolution, the Q/K/V/output projections, the two attention matmuls (q·kᵀ and probabilities·v), the MLP, the
+pooler and the classifier(s). LayerNorms, softmax, activations, residual adds, biases, token concatenation and
+gates are not counted, as `torch.utils.flop_counter.FlopCounterMode` does not count them either (its FLOPs are
+2 x these MACs). Parameters are exact: they equal `sum(p.numel() for p in model.parameters())` (the
+`channel_index` buffer and the gates are buffers, not parameters).
+
+Every linear layer goes through `linear_cost`, the one place where a structured-sparse layer (e.g. LPViT's
+block-masked weights, which keep only some weight blocks) would scale its MACs and parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from torch import nn
+
+from .configuration_pruned_vit import PrunedViTConfig
+from .modeling_pruned_vit import (
+    PrunedViTForImageClassification,
+    PrunedViTForImageClassificationWithTeacher,
+    PrunedViTModel,
+)
+
+_ACCEPTED = (
+    PrunedViTConfig,
+    PrunedViTModel,
+    PrunedViTForImageClassification,
+    PrunedViTForImageClassificationWithTeacher,
+)
+
+
+class Cost(NamedTuple):
+    """MACs (per image) and parameters of a part of the model."""
+
+    macs: int
+    params: int
+
+
+def _sum(costs: Iterable[Cost]) -> Cost:
+    """Elementwise sum (`+` on tuples concatenates)."""
+    costs = list(costs)
+    return Cost(sum(cost.macs for cost in costs), sum(cost.params for cost in costs))
+
+
+@dataclass
+class CostBreakdown:
+    """A cost split into the embeddings, each transformer block and the head.
+
+    `head` is everything after the last block: the final LayerNorm, the pooler and the classifier(s).
+    """
+
+    embeddings: int
+    blocks: list[int]
+    head: int
+
+    @property
+    def total(self) -> int:
+        return self.embeddings + sum(self.blocks) + self.head
+
+
+def linear_cost(tokens: int, in_features: int, out_features: int, bias: bool = True) -> Cost:
+    """A dense `nn.Linear(in_features, out_features)` applied to `tokens` vectors."""
+    return Cost(tokens * in_features * out_features, in_features * out_features + (out_features if bias else 0))
+
+
+def block_cost(
+    tokens: int,
+    block_dim: int,
+    heads: int,
+    qk_head_dim: int,
+    v_head_dim: int,
+    intermediate_size: int,
+    *,
+    hidden_size: int | None = None,
+    qkv_bias: bool = True,
+) -> Cost:
+    """MACs (per image) and parameters of one transformer block on `tokens` tokens.
+
+    `block_dim` is the residual width the block reads and writes; `hidden_size` is the width of its two
+    LayerNorms (the whole residual stream, even when `block_dim < hidden_size`; defaults to `block_dim`).
+    Pure arithmetic on the dims, so pruning code can price a unit by the difference of two calls.
+    """
+    hidden_size = block_dim if hidden_size is None else hidden_size
+    qk_width, v_width = heads * qk_head_dim, heads * v_head_dim
+    return _sum(
+        (
+            Cost(0, 2 * 2 * hidden_size),  # layernorm_before, layernorm_after (weight and bias)
+            linear_cost(tokens, block_dim, qk_width, qkv_bias),  # q_proj
+            linear_cost(tokens, block_dim, qk_width, qkv_bias),  # k_proj
+            linear_cost(tokens, block_dim, v_width, qkv_bias),  # v_proj
+            Cost(tokens * tokens * (qk_width + v_width), 0),  # q·kᵀ, then probabilities·v
+            linear_cost(tokens, v_width, block_dim),  # o_proj
+            linear_cost(tokens, block_dim, intermediate_size),  # fc1
+            linear_cost(tokens, intermediate_size, block_dim),  # fc2
+        )
+    )
+
+
+def _embeddings_cost(config: PrunedViTConfig) -> Cost:
+    """Patch-embedding convolution (one `C*p*p -> E` product per patch), CLS/distillation tokens, positions."""
+    hidden = config.hidden_size
+    tokens = config.num_prefix_tokens + config.num_patches
+    return _sum(
+        (
+            linear_cost(config.num_patches, config.num_channels * config.patch_size**2, hidden),
+            Cost(0, config.num_prefix_tokens * hidden + tokens * hidden),
+        )
+    )
+
+
+def _head_cost(config: PrunedViTConfig, num_classifiers: int, pooler: bool) -> Cost:
+    """Final LayerNorm, optional pooler (dense on the pooled token) and `num_classifiers` linear classifiers."""
+    hidden = config.hidden_size
+    pooler_cost = linear_cost(1, hidden, config.pooler_output_size or hidden) if pooler else Cost(0, 0)
+    classifiers = [linear_cost(1, hidden, config.num_labels)] * num_classifiers
+    return _sum((Cost(0, 2 * hidden), pooler_cost, *classifiers))
+
+
+def _heads_of(model_or_config: PrunedViTConfig | nn.Module) -> tuple[PrunedViTConfig, int, bool]:
+    """The config, number of classifiers and presence of a pooler of a model or config (see `count_macs`)."""
+    if isinstance(model_or_config, PrunedViTConfig):
+        return model_or_config, 1 + int(model_or_config.use_distillation_token), False
+    if isinstance(model_or_config, PrunedViTModel):
+        return model_or_config.config, 0, model_or_config.pooler is not None
+    if isinstance(model_or_config, PrunedViTForImageClassification):
+        classifiers = [model_or_config.classifier]
+    elif isinstance(model_or_config, PrunedViTForImageClassificationWithTeacher):
+        classifiers = [model_or_config.cls_classifier, model_or_config.distillation_classifier]
+    else:
+        names = ", ".join(cls.__name__ for cls in _ACCEPTED)
+        raise TypeError(f"model_or_config must be one of {names}; got {type(model_or_config).__name__}.")
+    num_classifiers = sum(isinstance(classifier, nn.Linear) for classifier in classifiers)
+    return model_or_config.config, num_classifiers, model_or_config.vit.pooler is not None
+
+
+def _breakdown(model_or_config: PrunedViTConfig | nn.Module) -> tuple[Cost, list[Cost], Cost]:
+    config, num_classifiers, pooler = _heads_of(model_or_config)
+    tokens = config.num_prefix_tokens + config.num_patches
+    dims = zip(
+        config.block_dims, config.heads_per_layer, config.qk_head_dims, config.v_head_dims, config.intermediate_sizes
+    )
+    blocks = [block_cost(tokens, *block, hidden_size=config.hidden_size, qkv_bias=config.qkv_bias) for block in dims]
+    return _embeddings_cost(config), blocks, _head_cost(config, num_classifiers, pooler)
+
+
+def count_macs(
+    model_or_config: PrunedViTConfig | nn.Module, by_block: bool = False, batch_size: int = 1
+) -> int | CostBreakdown:
+    """Analytic multiply-accumulates of a forward pass on `batch_size` images (see the module docstring).
+
+    Args:
+        model_or_config: a `PrunedViTConfig`, `PrunedViTModel`, `PrunedViTForImageClassification` or
+            `PrunedViTForImageClassificationWithTeacher`. For a model, the heads it has are counted (pooler,
+            classifier or the two DeiT classifiers). A config is counted as `PrunedViTForImageClassification`
+            without pooler, plus the distillation classifier of the WithTeacher model when
+            `use_distillation_token` is set.
+        by_block: return a `CostBreakdown` (embeddings, each block, head) instead of the total.
+        batch_size: number of images.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    embeddings, blocks, head = _breakdown(model_or_config)
+    breakdown = CostBreakdown(
+        embeddings.macs * batch_size, [block.macs * batch_size for block in blocks], head.macs * batch_size
+    )
+    return breakdown if by_block else breakdown.total
+
+
+def count_params(model_or_config: PrunedViTConfig | nn.Module, by_block: bool = False) -> int | CostBreakdown:
+    """Parameter count, equal to `sum(p.numel() for p in model.parameters())`.
+
+    Accepts the same inputs, with the same head assumption for a config, as `count_macs`. `by_block` returns a
+    `CostBreakdown`; each block includes its two LayerNorms, the head includes the final LayerNorm.
+    """
+    embeddings, blocks, head = _breakdown(model_or_config)
+    breakdown = CostBreakdown(embeddings.params, [block.params for block in blocks], head.params)
+    return breakdown if by_block else breakdown.total
+
+
+__all__ = ["Cost", "CostBreakdown", "block_cost", "count_macs", "count_params", "linear_cost"]
