@@ -6,8 +6,8 @@ from conftest import tiny_config
 from test_modeling import IRREGULAR, randomize
 
 from hf_vitprune import PrunedViTForImageClassification, prune
-from hf_vitprune.cost import count_macs, count_params
 from hf_vitprune.budget import Selector, make_budget
+from hf_vitprune.cost import count_macs, count_params
 from hf_vitprune.importance import fisher_scores, magnitude_scores, taylor_scores
 from hf_vitprune.structure import enable_gates, remove_gates
 

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -66,23 +63,14 @@ def _has_processor(folder: str) -> bool:
     return (Path(folder) / "preprocessor_config.json").exists()
 
 
-def calibration_loader(data: str, image_processor, split: str, num_samples: int, batch_size: int):
-    """A DataLoader of `pixel_values`/`labels` from an imagefolder directory or a dataset id (first samples)."""
-    from datasets import load_dataset
+def calibration_loader(data: str, image_processor, split: str, num_samples: int, batch_size: int, model_config=None):
+    """A DataLoader of `pixel_values`/`labels` over `num_samples` images of an imagefolder directory or a dataset
+    id, shuffled with a fixed seed first (an imagefolder is sorted by class), preprocessed by `image_processor`."""
+    from ..data import eval_transforms, image_dataloader, load_image_dataset
 
-    if Path(data).is_dir():
-        dataset = load_dataset("imagefolder", data_dir=data, split=split)
-    else:
-        dataset = load_dataset(data, split=split)
+    dataset = load_image_dataset(data, split=split).shuffle(seed=0)
     dataset = dataset.select(range(min(num_samples, len(dataset))))
-
-    def transform(batch):
-        images = [image.convert("RGB") for image in batch["image"]]
-        pixel_values = image_processor(images, return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixel_values, "labels": torch.tensor(batch["label"])}
-
-    dataset = dataset.with_transform(transform)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    return image_dataloader(dataset, eval_transforms(image_processor), batch_size=batch_size, model_config=model_config)
 
 
 def module_lines(module: nn.Module, name: str = "", depth: int = 0) -> list[str]:
@@ -112,23 +100,10 @@ def cost_lines(macs: tuple[float, float], params: tuple[float, float]) -> str:
     )
 
 
-def _write_atomically(output: str, save) -> None:
-    """Call `save(tmp_dir)`, then move the complete folder to `output` (replacing any previous one)."""
-    output_path = Path(output).resolve()
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output_path.parent, prefix=f".{output_path.name}."))
-    try:
-        save(tmp)
-        if output_path.exists():
-            shutil.rmtree(output_path)
-        os.replace(tmp, output_path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def run_prune(args: argparse.Namespace) -> int:
     from .. import prune, to_pruned_vit
     from ..cost import count_macs, count_params
+    from ..hub import save_hub_folder, write_folder_atomically
     from ..methods import get_method
 
     model, processor, kind = load_model(args.model, pretrained=not args.random_init)
@@ -150,13 +125,16 @@ def run_prune(args: argparse.Namespace) -> int:
         if not args.data:
             raise ValueError(f"--method {args.method} is data-driven: give --data (an imagefolder or dataset id).")
         dataloader = calibration_loader(
-            args.data, source.image_processor, args.split, args.num_samples, args.batch_size
+            args.data, source.image_processor, args.split, args.num_samples, args.batch_size, source.config
         )
     pruned = prune(source, method, target_macs_ratio=args.target_macs_ratio, dataloader=dataloader)
     print(module_diff(module_lines(source), module_lines(pruned)))
     print()
     print(cost_lines((count_macs(source), count_macs(pruned)), (count_params(source), count_params(pruned))))
-    _write_atomically(args.output, pruned.save_pretrained)
+    if getattr(pruned, "image_processor", None) is not None:
+        save_hub_folder(pruned, args.output, dense_config=source.config)
+    else:  # a model without an image processor cannot make a complete Hub folder (no card preprocessing)
+        write_folder_atomically(args.output, pruned.save_pretrained)
     print(f"Saved to {args.output} (load with AutoModelForImageClassification.from_pretrained)")
     return 0
 

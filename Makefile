@@ -1,0 +1,36 @@
+# Development tasks. `make test` and `make demo` set up .venv first (once; again when setup.py or pyproject.toml
+# change). Works on a fresh clone: only python3 (>= 3.10) with venv and pip is needed.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SAMPLE_MODEL := hf_vitprune/sample_model
+
+.PHONY: venv test lint demo sample-model bench
+
+venv: $(STAMP)
+
+# torch first, pinned: the versions the project is tested with (pip may take them from a local wheel cache).
+$(STAMP): setup.py pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -e ".[dev,space,timm]"
+	touch $@
+
+test: venv
+	$(BIN)/pytest -q -x --timeout=900 tests
+
+lint: venv
+	$(BIN)/ruff check .
+
+# Evaluate the shipped sample model on the digits validation split and print accuracy, MACs and params.
+demo: venv
+	$(BIN)/python -m hf_vitprune.sample --evaluate
+
+# Retrain the shipped sample model from scratch (about 10 minutes on a 2-core CPU) and evaluate it.
+sample-model: venv
+	$(BIN)/python -m hf_vitprune.sample --train --evaluate --output $(SAMPLE_MODEL)
+
+bench: venv
+	$(BIN)/python benchmarks/run.py

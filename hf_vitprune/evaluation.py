@@ -1,0 +1,156 @@
+"""Accuracy and latency of image classifiers.
+
+`evaluate_model` computes top-k accuracy through the `evaluate` metric module shipped in the package
+(`hf_vitprune/metrics/top_k_accuracy`, loaded by path, so it works offline); `measure_latency` times whole forward
+passes. Both run on the device of the model's parameters (CPU or CUDA) and work for PrunedViT as well as any
+transformers or timm classifier.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import eval_transforms, image_dataloader
+from .importance import batch_inputs
+from .metrics import TOP_K_ACCURACY
+
+logger = logging.getLogger(__name__)
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return value
+
+
+def evaluate_model(
+    model: nn.Module,
+    data: Iterable,
+    image_processor: Any = None,
+    batch_size: int = 64,
+    top_k: Sequence[int] = (1, 5),
+    num_workers: int = 0,
+) -> dict[str, float]:
+    """Top-k accuracy of `model` on `data`, computed by the shipped `evaluate` metric module.
+
+    Args:
+        model: an image classifier (PrunedViT, transformers or timm); its outputs' `.logits` (or the output tensor)
+            are ranked.
+        data: a `datasets.Dataset` with an image and a label column (preprocessed with `image_processor`), or an
+            iterable of batches (dicts with `pixel_values` and `labels`, or `(images, labels)` pairs), e.g. a
+            DataLoader.
+        image_processor: for a dataset of images; default `model.image_processor` (the converters attach one).
+            Dataset labels are matched to the model's `label2id` by class name when the names agree.
+        batch_size, num_workers: of the DataLoader built for a dataset.
+        top_k: the k to report; a k above the number of classes is skipped (logged).
+
+    Returns:
+        `{"top_1_accuracy": ..., "top_5_accuracy": ..., "num_samples": n}` (fractions in [0, 1]).
+    """
+    import evaluate
+    from datasets import Dataset
+
+    ks = sorted({_positive_int("top_k", k) for k in top_k})
+    if not ks:
+        raise ValueError(f"top_k must list at least one positive integer, got {top_k!r}.")
+    if isinstance(data, Dataset):
+        processor = image_processor if image_processor is not None else getattr(model, "image_processor", None)
+        if processor is None:
+            raise ValueError(
+                "evaluating a dataset of images needs an image processor: pass image_processor= (e.g. "
+                "AutoImageProcessor.from_pretrained(model folder)) or attach model.image_processor."
+            )
+        data = image_dataloader(
+            data,
+            eval_transforms(processor),
+            batch_size=_positive_int("batch_size", batch_size),
+            num_workers=num_workers,
+            model_config=getattr(model, "config", None),
+        )
+    parameter = next(model.parameters())
+    metric = evaluate.load(TOP_K_ACCURACY, keep_in_memory=True)
+    num_samples, num_classes = 0, None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(data, desc="Evaluating", total=len(data) if hasattr(data, "__len__") else None):
+                inputs = batch_inputs(batch, parameter.device)
+                output = model(inputs["pixel_values"].to(parameter.dtype))
+                logits = getattr(output, "logits", output)
+                num_classes = logits.shape[-1]
+                labels = inputs["labels"]
+                if labels.min() < 0 or labels.max() >= num_classes:
+                    raise ValueError(
+                        f"labels must be in [0, {num_classes}) for a model with {num_classes} classes, got "
+                        f"[{labels.min().item()}, {labels.max().item()}]."
+                    )
+                ranked = logits.topk(min(ks[-1], num_classes), dim=-1).indices
+                metric.add_batch(predictions=ranked.cpu().tolist(), references=labels.cpu().tolist())
+                num_samples += labels.numel()
+    finally:
+        model.train(was_training)
+    if num_samples == 0:
+        raise ValueError("data is empty: nothing to evaluate.")
+    skipped = [k for k in ks if k > num_classes]
+    if skipped:
+        logger.warning("top-%s accuracy skipped: the model has only %d classes.", skipped, num_classes)
+    results = metric.compute(k=[k for k in ks if k <= num_classes])
+    return {**results, "num_samples": num_samples}
+
+
+def measure_latency(
+    model: nn.Module,
+    batch_size: int = 64,
+    repeats: int = 10,
+    warmup: int = 3,
+    image_size: int | None = None,
+) -> float:
+    """Median seconds of one forward pass on a random batch (`torch.inference_mode`, accelerator synchronised
+    around each timed pass), on the device and dtype of the model's parameters.
+
+    `image_size` defaults to `model.config.image_size` (the channels to `model.config.num_channels`, else 3).
+    """
+    _positive_int("batch_size", batch_size)
+    _positive_int("repeats", repeats)
+    _positive_int("warmup", warmup, minimum=0)
+    config = getattr(model, "config", None)
+    image_size = image_size or getattr(config, "image_size", None)
+    if image_size is None:
+        raise ValueError("image_size is required for a model without config.image_size.")
+    channels = getattr(config, "num_channels", 3)
+    parameter = next(model.parameters())
+    pixel_values = torch.randn(
+        batch_size, channels, image_size, image_size, device=parameter.device, dtype=parameter.dtype
+    )
+
+    def synchronize() -> None:
+        if parameter.device.type != "cpu":
+            torch.accelerator.synchronize(parameter.device)
+
+    was_training = model.training
+    model.eval()
+    times = []
+    try:
+        with torch.inference_mode():
+            for step in range(warmup + repeats):
+                synchronize()
+                start = time.perf_counter()
+                model(pixel_values)
+                synchronize()
+                if step >= warmup:
+                    times.append(time.perf_counter() - start)
+    finally:
+        model.train(was_training)
+    return statistics.median(times)
+
+
+__all__ = ["evaluate_model", "measure_latency"]
