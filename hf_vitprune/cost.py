@@ -7,8 +7,10 @@ gates are not counted, as `torch.utils.flop_counter.FlopCounterMode` does not co
 2 x these MACs). Parameters are exact: they equal `sum(p.numel() for p in model.parameters())` (the
 `channel_index` buffer and the gates are buffers, not parameters).
 
-Every linear layer goes through `linear_cost`, the one place where a structured-sparse layer (e.g. LPViT's
-block-masked weights, which keep only some weight blocks) would scale its MACs and parameters.
+Block-sparse layers (LPViT's `weight_block_mask`, see `modeling_pruned_vit.add_block_mask`) count only their kept
+blocks, LPViT's "FLOPs remained": for a model (not a config), every weight a block mask zeroes is subtracted from
+the MACs (once per token the layer is applied to) and from the parameters (so `count_params` then counts the
+weights that are kept, not `p.numel()`).
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from torch import nn
 
 from .configuration_pruned_vit import PrunedViTConfig
 from .modeling_pruned_vit import (
+    BLOCK_MASK_BUFFER,
     PrunedViTForImageClassification,
     PrunedViTForImageClassificationWithTeacher,
     PrunedViTModel,
+    expand_block_mask,
 )
 
 _ACCEPTED = (
@@ -145,7 +149,44 @@ def _breakdown(model_or_config: PrunedViTConfig | nn.Module) -> tuple[Cost, list
         config.block_dims, config.heads_per_layer, config.qk_head_dims, config.v_head_dims, config.intermediate_sizes
     )
     blocks = [block_cost(tokens, *block, hidden_size=config.hidden_size, qkv_bias=config.qkv_bias) for block in dims]
-    return _embeddings_cost(config), blocks, _head_cost(config, num_classifiers, pooler)
+    if getattr(config, "qkv_token_scale", False):  # NViT's per-token q/k/v multiplier: `tokens` parameters a block
+        blocks = [Cost(block.macs, block.params + tokens) for block in blocks]
+    embeddings, head = _embeddings_cost(config), _head_cost(config, num_classifiers, pooler)
+    if isinstance(model_or_config, PrunedViTConfig):
+        return embeddings, blocks, head
+    masked = _masked_weights_cost(model_or_config)
+    return _minus(embeddings, masked[0]), [_minus(b, m) for b, m in zip(blocks, masked[1])], _minus(head, masked[2])
+
+
+def _minus(cost: Cost, saved: Cost) -> Cost:
+    return Cost(cost.macs - saved.macs, cost.params - saved.params)
+
+
+def _masked_weights(module: nn.Module) -> int:
+    """Weights of `module` that its block mask zeroes (0 without a mask); partial edge blocks count their size."""
+    mask = getattr(module, BLOCK_MASK_BUFFER, None)
+    if mask is None:
+        return 0
+    shape = (module.weight.shape[0], module.weight[0].numel())
+    return module.weight.numel() - int(expand_block_mask(mask, module.block_size, shape).sum())
+
+
+def _masked_weights_cost(model: nn.Module) -> tuple[Cost, list[Cost], Cost]:
+    """MACs and parameters of the block-masked weights, split like `_breakdown`: the patch projection runs once
+    per patch, block layers once per token, the pooler and classifiers once per image."""
+    vit = model if isinstance(model, PrunedViTModel) else model.vit
+    config = vit.config
+
+    def saved(modules: Iterable[nn.Module], tokens: int) -> Cost:
+        weights = sum(_masked_weights(module) for module in modules)
+        return Cost(tokens * weights, weights)
+
+    inner = {id(m) for part in (vit.embeddings, *vit.layers) for m in part.modules()}
+    return (
+        saved(vit.embeddings.modules(), config.num_patches),
+        [saved(layer.modules(), config.num_prefix_tokens + config.num_patches) for layer in vit.layers],
+        saved((m for m in model.modules() if id(m) not in inner), 1),
+    )
 
 
 def count_macs(
@@ -156,9 +197,9 @@ def count_macs(
     Args:
         model_or_config: a `PrunedViTConfig`, `PrunedViTModel`, `PrunedViTForImageClassification` or
             `PrunedViTForImageClassificationWithTeacher`. For a model, the heads it has are counted (pooler,
-            classifier or the two DeiT classifiers). A config is counted as `PrunedViTForImageClassification`
-            without pooler, plus the distillation classifier of the WithTeacher model when
-            `use_distillation_token` is set.
+            classifier or the two DeiT classifiers), and block-masked layers count only their kept blocks. A
+            config is counted dense, as `PrunedViTForImageClassification` without pooler, plus the distillation
+            classifier of the WithTeacher model when `use_distillation_token` is set.
         by_block: return a `CostBreakdown` (embeddings, each block, head) instead of the total.
         batch_size: number of images.
     """
@@ -172,7 +213,7 @@ def count_macs(
 
 
 def count_params(model_or_config: PrunedViTConfig | nn.Module, by_block: bool = False) -> int | CostBreakdown:
-    """Parameter count, equal to `sum(p.numel() for p in model.parameters())`.
+    """Parameter count, equal to `sum(p.numel() for p in model.parameters())` minus the weights block masks zero.
 
     Accepts the same inputs, with the same head assumption for a config, as `count_macs`. `by_block` returns a
     `CostBreakdown`; each block includes its two LayerNorms, the head includes the final LayerNorm.

@@ -10,6 +10,14 @@ seen by the optimizer. All-ones gates give the plain forward; a zero gate gives 
 unit, including LayerNorm statistics, which are taken over active embedding channels only. Gradients of the loss
 with respect to gates at 1 are the raw material of the importance scores.
 
+Block-sparse (LPViT) weights: `config.block_sparsity = {"block_size": [b0, b1], "target_modules": [...]}` gives
+every matching nn.Linear/nn.Conv2d a persistent block-mask buffer at construction (`add_block_mask`), so
+`from_pretrained` restores saved masks and a reloaded model stays sparse.
+
+NViT checkpoints (`hf_vitprune.convert.from_nvit_checkpoint`): `config.qkv_token_scale = True` gives every attention
+a learned per-token multiplier `token_scale` [tokens, 1] of q, k and v after their biases (NViT's `token_mask`);
+such a model takes exactly `num_prefix_tokens + num_patches` tokens.
+
 This file imports only torch and transformers: it is copied next to the weights for `trust_remote_code=True`.
 """
 
@@ -50,6 +58,70 @@ def gated_layer_norm(hidden_states: torch.Tensor, norm: nn.LayerNorm, gate: torc
     if norm.weight is not None:
         normed = normed * norm.weight + norm.bias
     return normed * gate
+
+
+#: Persistent buffer of a block-sparse layer: uint8 [ceil(rows / b0), ceil(cols / b1)], 1 = block kept.
+BLOCK_MASK_BUFFER = "weight_block_mask"
+
+
+def expand_block_mask(mask: torch.Tensor, block_size: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor:
+    """Element mask of a 2-D `shape` from its block mask: blocks tile the matrix from the top-left corner, partial
+    edge blocks are cropped (LPViT's tiling)."""
+    rows, cols = shape
+    return mask.repeat_interleave(block_size[0], 0)[:rows].repeat_interleave(block_size[1], 1)[:, :cols]
+
+
+def block_masked_weight(module: nn.Module) -> torch.Tensor:
+    """`module.weight` times its upsampled block mask; a conv weight is masked on its (out, in*kh*kw) view."""
+    weight, (b0, b1) = module.weight, module.block_size
+    rows, cols = weight.shape[0], weight[0].numel()
+    mask = getattr(module, BLOCK_MASK_BUFFER).to(weight.dtype)
+    if rows % b0 or cols % b1:  # partial edge blocks
+        return (weight.reshape(rows, cols) * expand_block_mask(mask, (b0, b1), (rows, cols))).view_as(weight)
+    return (weight.reshape(rows // b0, b0, cols // b1, b1) * mask[:, None, :, None]).view_as(weight)
+
+
+class BlockMaskedLinear(nn.Linear):
+    """nn.Linear computing with `weight * mask` (masked weights get no gradient); made by `add_block_mask`."""
+
+    block_size: tuple[int, int]
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.linear(input, block_masked_weight(self), self.bias)
+
+
+class BlockMaskedConv2d(nn.Conv2d):
+    """nn.Conv2d computing with `weight * mask`; made by `add_block_mask`."""
+
+    block_size: tuple[int, int]
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(input, block_masked_weight(self), self.bias)
+
+
+_BLOCK_MASKED_CLASSES = {nn.Linear: BlockMaskedLinear, nn.Conv2d: BlockMaskedConv2d}
+
+
+def add_block_mask(module: nn.Module, block_size: tuple[int, int], mask: torch.Tensor | None = None) -> None:
+    """Make an nn.Linear or nn.Conv2d block-sparse in place: a persistent uint8 buffer `weight_block_mask` (all
+    ones unless `mask` is given), upsampled to `block_size` tiles, multiplies the weight in every forward.
+
+    The class is swapped to its masked subclass (as torch.nn.utils.parametrize does), so the parameters, their
+    names and the optimizer's references are unchanged and the state dict only gains the buffer.
+    """
+    if type(module) not in _BLOCK_MASKED_CLASSES:
+        raise TypeError(f"block masks apply to nn.Linear and nn.Conv2d, got {type(module).__name__}.")
+    if len(block_size) != 2 or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in block_size):
+        raise ValueError(f"block_size must be two positive integers (rows, cols), got {block_size!r}.")
+    rows, cols = module.weight.shape[0], module.weight[0].numel()
+    shape = (-(-rows // block_size[0]), -(-cols // block_size[1]))
+    if mask is None:
+        mask = torch.ones(shape, dtype=torch.uint8, device=module.weight.device)
+    elif tuple(mask.shape) != shape:
+        raise ValueError(f"a {rows}x{cols} weight in {block_size} blocks needs a {shape} mask, got {list(mask.shape)}.")
+    module.register_buffer(BLOCK_MASK_BUFFER, mask.to(device=module.weight.device, dtype=torch.uint8), persistent=True)
+    module.block_size = tuple(block_size)
+    module.__class__ = _BLOCK_MASKED_CLASSES[type(module)]
 
 
 def eager_attention_forward(
@@ -157,19 +229,29 @@ class PrunedViTAttention(nn.Module):
         self.register_buffer("head_gate", None, persistent=False)
         self.register_buffer("qk_gate", None, persistent=False)
         self.register_buffer("v_gate", None, persistent=False)
+        # NViT's learned per-token multiplier of q, k and v (its `token_mask`), only when the config asks for it
+        tokens = config.num_prefix_tokens + config.num_patches
+        self.token_scale = nn.Parameter(torch.ones(tokens, 1)) if getattr(config, "qkv_token_scale", False) else None
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, tokens, _ = hidden_states.shape
-        query = self.q_proj(hidden_states).view(batch_size, tokens, self.num_heads, self.qk_head_dim).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(batch_size, tokens, self.num_heads, self.qk_head_dim).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(batch_size, tokens, self.num_heads, self.v_head_dim).transpose(1, 2)
+        query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        if self.token_scale is not None:
+            if tokens != self.token_scale.shape[0]:
+                raise ValueError(f"qkv_token_scale models take {self.token_scale.shape[0]} tokens, got {tokens}.")
+            query, key, value = query * self.token_scale, key * self.token_scale, value * self.token_scale
+        query = query.view(batch_size, tokens, self.num_heads, self.qk_head_dim).transpose(1, 2)
+        key = key.view(batch_size, tokens, self.num_heads, self.qk_head_dim).transpose(1, 2)
+        value = value.view(batch_size, tokens, self.num_heads, self.v_head_dim).transpose(1, 2)
         if self.qk_gate is not None:
             query = query * self.qk_gate
         if self.v_gate is not None:
             value = value * self.v_gate
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
+        implementation = self.config._attn_implementation
+        # torch's CPU SDPA takes a math path 2x slower than eager when the q/k and v head dims differ
+        if implementation == "sdpa" and query.device.type == "cpu" and self.qk_head_dim != self.v_head_dim:
+            implementation = "eager"
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         output, weights = attention_interface(
             self,
             query,
@@ -255,9 +337,25 @@ class PrunedViTPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
+    def post_init(self) -> None:
+        """Give the modules named by `config.block_sparsity` their (all-ones) block masks before transformers'
+        post-init, so `from_pretrained` loads saved masks into them. Module names match by suffix, as peft's
+        `target_modules` (e.g. "fc1" matches "vit.layers.0.mlp.fc1")."""
+        sparsity = getattr(self.config, "block_sparsity", None)
+        if sparsity:
+            targets = sparsity["target_modules"]
+            for name, module in self.named_modules():
+                if type(module) in _BLOCK_MASKED_CLASSES and any(name == t or name.endswith("." + t) for t in targets):
+                    add_block_mask(module, tuple(sparsity["block_size"]))
+        super().post_init()
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
+        if getattr(module, BLOCK_MASK_BUFFER, None) is not None:
+            init.ones_(getattr(module, BLOCK_MASK_BUFFER))
+        if isinstance(module, PrunedViTAttention) and module.token_scale is not None:
+            init.ones_(module.token_scale)
         if isinstance(module, PrunedViTEmbeddings):
             init.trunc_normal_(module.position_embeddings, mean=0.0, std=self.config.initializer_range)
             init.trunc_normal_(module.cls_token, mean=0.0, std=self.config.initializer_range)

@@ -13,7 +13,7 @@ from .budget import make_budget
 from .configuration_pruned_vit import PrunedViTConfig
 from .methods import PruningMethod, get_method
 from .modeling_pruned_vit import PrunedViTPreTrainedModel
-from .structure import PruningPlan, compact
+from .structure import PruningPlan
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +57,13 @@ def prune(
     start = time.perf_counter()
     scores = pruning_method.score(source, dataloader)
     plan = pruning_method.select(source, scores, budget)
-    pruned = compact(source, plan)
+    pruned = pruning_method.compact(source, plan)
     seconds = time.perf_counter() - start
 
     previous = source.config.pruning or {}  # a PrunedViT pruned again keeps its original dense reference
-    dense_macs = previous.get("dense_macs", count_macs(source.config))
+    dense_macs = previous.get("dense_macs", count_macs(source))
     dense_params = previous.get("dense_params", count_params(source))
-    macs, params = count_macs(pruned.config), count_params(pruned)
+    macs, params = count_macs(pruned), count_params(pruned)
     pruned.config.pruning = {
         "method": pruning_method.name,
         "source": previous.get("source", getattr(source.config, "_name_or_path", "") or type(model).__name__),

@@ -14,6 +14,9 @@ from torch import nn
 from ..modeling_pruned_vit import PrunedViTPreTrainedModel
 from .common import check_image_processor
 from .hf import HF_SOURCES, convert_hf
+from .lpvit import from_lpvit_masks
+from .nvit import from_nvit_checkpoint
+from .savit import from_savit_checkpoint
 
 #: What `to_pruned_vit` accepts, for error messages and docs.
 SUPPORTED_SOURCES = (
@@ -57,4 +60,4 @@ def to_pruned_vit(model: nn.Module, image_processor: Any = None) -> PrunedViTPre
     )
 
 
-__all__ = ["SUPPORTED_SOURCES", "to_pruned_vit"]
+__all__ = ["SUPPORTED_SOURCES", "from_lpvit_masks", "from_nvit_checkpoint", "from_savit_checkpoint", "to_pruned_vit"]

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from .base import PruningMethod, PruningMethodConfig
+from .lpvit import LPViTConfig, LPViTMethod
 from .magnitude import MagnitudeConfig, MagnitudeMethod
+from .nvit import NViTConfig, NViTMethod
+from .savit import SAViTConfig, SAViTMethod
 from .taylor import TaylorConfig, TaylorMethod
 
 METHODS: dict[str, type[PruningMethod]] = {
     MagnitudeMethod.name: MagnitudeMethod,
     TaylorMethod.name: TaylorMethod,
+    LPViTMethod.name: LPViTMethod,
+    SAViTMethod.name: SAViTMethod,
+    NViTMethod.name: NViTMethod,
 }
 
 
@@ -25,10 +31,16 @@ def get_method(method: str | PruningMethod, **kwargs) -> PruningMethod:
 
 __all__ = [
     "METHODS",
+    "LPViTConfig",
+    "LPViTMethod",
     "MagnitudeConfig",
     "MagnitudeMethod",
+    "NViTConfig",
+    "NViTMethod",
     "PruningMethod",
     "PruningMethodConfig",
+    "SAViTConfig",
+    "SAViTMethod",
     "TaylorConfig",
     "TaylorMethod",
     "get_method",

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..budget import SCOPES, Budget, Selector
 from ..importance import Scores
-from ..structure import PruningPlan, check_kinds
+from ..structure import PruningPlan, check_kinds, compact
 
 
 @dataclass
@@ -63,3 +63,7 @@ class PruningMethod:
 
     def check_reachable(self, model: nn.Module, budget: Budget) -> None:
         Selector(model, budget, self.config.kinds, self.config.round_to).check_reachable()
+
+    def compact(self, model: nn.Module, plan: PruningPlan) -> nn.Module:
+        """The pruned model of `plan` (not modifying `model`): the exact compaction of the removed units."""
+        return compact(model, plan)
