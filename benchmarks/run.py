@@ -1,0 +1,216 @@
+"""`make bench`: every registered method and Torch-Pruning itself on the shipped digits ViT.
+
+For each method and each target (70 / 50 / 30 % of dense MACs): MACs, params, one-shot accuracy, accuracy after a
+fixed fine-tune budget with distillation from the dense model, CPU latency ratio to dense (batch 64, median of
+repeats, dense and pruned timed alternately in the same run), pruning wall time and peak memory. Also the latency
+of a PrunedViT against transformers' stock ViT of the same dims. Writes benchmarks/RESULTS.md, results.json and
+an accuracy-vs-MACs plot. A method registered in `hf_vitprune.methods.METHODS` gets its rows automatically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from hf_vitprune import prune
+from hf_vitprune.cost import count_macs, count_params
+from hf_vitprune.data import digits_dataloaders
+from hf_vitprune.distill import finetune
+from hf_vitprune.evaluation import evaluate_model
+from hf_vitprune.methods import METHODS
+from hf_vitprune.sample import load_sample_model
+from hf_vitprune.tp import to_hf_vit, tp_prune_vit_to_macs
+
+logger = logging.getLogger("benchmarks")
+BENCH_DIR = Path(__file__).resolve().parent
+TP_METHODS = {"torch-pruning-magnitude": "magnitude", "torch-pruning-taylor": "taylor"}
+
+
+class PeakMemory:
+    """Peak resident memory above the level at entry, sampled every few milliseconds (psutil)."""
+
+    def __enter__(self) -> PeakMemory:
+        self.process = psutil.Process()
+        self.start = self.peak = self.process.memory_info().rss
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc) -> None:
+        self.running = False
+        self.thread.join()
+        self.megabytes = (self.peak - self.start) / 2**20
+
+
+@torch.inference_mode()
+def paired_latency(models: list[torch.nn.Module], batch_size: int, image_size: int, repeats: int) -> list[float]:
+    """Median seconds per batch of each model, timed round-robin so load on the machine hits all alike."""
+    x = torch.randn(batch_size, 3, image_size, image_size)
+    for model in models:
+        model.eval()
+        for _ in range(3):
+            model(pixel_values=x)
+    times: list[list[float]] = [[] for _ in models]
+    for _ in range(repeats):
+        for i, model in enumerate(models):
+            start = time.perf_counter()
+            model(pixel_values=x)
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def run_one(name, dense, ratio, calibration, train_loader, val_loader, args) -> tuple[dict, torch.nn.Module]:
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        if name in TP_METHODS:
+            pruned = tp_prune_vit_to_macs(dense, ratio, TP_METHODS[name], calibration)
+        else:
+            pruned = prune(dense, name, target_macs_ratio=ratio, dataloader=calibration)
+        seconds = time.perf_counter() - start
+    row = {
+        "method": name,
+        "target": ratio,
+        "macs": count_macs(pruned),
+        "params": count_params(pruned),
+        "prune_seconds": seconds,
+        "peak_memory_mb": memory.megabytes,
+        "one_shot_top1": evaluate_model(pruned, val_loader)["top_1_accuracy"],
+    }
+    student = copy.deepcopy(pruned)
+    finetune(student, dense, train_loader, steps=args.finetune_steps, lr=args.lr, distillation_type="soft")
+    row["finetuned_top1"] = evaluate_model(student, val_loader)["top_1_accuracy"]
+    return row, student
+
+
+def stock_vit_row(dense, ratio: float, args) -> dict:
+    """A uniformly pruned PrunedViT (equal dims in every block) against transformers' ViT of the same dims."""
+    pruned = prune(dense, "magnitude", target_macs_ratio=ratio, kinds=("embed", "head", "mlp"), scope="uniform")
+    stock = to_hf_vit(pruned)
+    ours, theirs = paired_latency([pruned, stock], args.batch_size, dense.config.image_size, args.repeats)
+    return {
+        "dims": f"E={pruned.config.hidden_size}, heads={pruned.config.heads_per_layer[0]}, "
+        f"mlp={pruned.config.intermediate_sizes[0]}",
+        "pruned_vit_s": ours,
+        "stock_vit_s": theirs,
+    }
+
+
+def write_results(rows: list[dict], dense: dict, stock: dict, args) -> None:
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "results.json").write_text(json.dumps({"dense": dense, "rows": rows, "stock": stock}, indent=2))
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Measured by `make bench` (`python benchmarks/run.py`) on {args.machine}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads. Model: the shipped digits ViT (`hf_vitprune/sample_model`), dense "
+        f"top-1 {dense['top1']:.4f}, {dense['macs'] / 1e6:.1f} M MACs, {dense['params'] / 1e6:.3f} M params. "
+        f"Fine-tune: {args.finetune_steps} steps of soft distillation from the dense model. Latency: batch "
+        f"{args.batch_size}, median of {args.repeats}, each model timed alternately with the dense one.",
+        "",
+        "| method | target MACs | MACs kept | params kept | one-shot top-1 | fine-tuned top-1 | speed-up vs dense "
+        "| prune time (s) | peak memory (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['method']} | {row['target']:.0%} | {row['macs'] / dense['macs']:.1%} | "
+            f"{row['params'] / dense['params']:.1%} | {row['one_shot_top1']:.4f} | {row['finetuned_top1']:.4f} | "
+            f"{row['speedup']:.2f}x | {row['prune_seconds']:.1f} | {row['peak_memory_mb']:.0f} |"
+        )
+    lines += [
+        "",
+        f"PrunedViT vs transformers' ViTForImageClassification of the same dims ({stock['dims']}): "
+        f"{stock['pruned_vit_s'] * 1e3:.1f} ms vs {stock['stock_vit_s'] * 1e3:.1f} ms per batch "
+        f"({stock['pruned_vit_s'] / stock['stock_vit_s'] - 1:+.1%}).",
+        "",
+        "![accuracy vs MACs](accuracy_vs_macs.png)",
+    ]
+    (output / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    plot(rows, dense, output / "accuracy_vs_macs.png")
+
+
+def plot(rows: list[dict], dense: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for axis, key, title in ((axes[0], "one_shot_top1", "one-shot"), (axes[1], "finetuned_top1", "fine-tuned")):
+        for method in dict.fromkeys(row["method"] for row in rows):
+            points = sorted((r["macs"] / dense["macs"], r[key]) for r in rows if r["method"] == method)
+            axis.plot(*zip(*points), marker="o", label=method)
+        axis.axhline(dense["top_1_accuracy"], color="grey", linestyle="--", label="dense")
+        axis.set_xlabel("MACs kept (fraction of dense)")
+        axis.set_title(title)
+    axes[0].set_ylabel("top-1 (digits validation)")
+    axes[1].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=[*METHODS, *TP_METHODS])
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.7, 0.5, 0.3])
+    parser.add_argument("--finetune-steps", type=int, default=150)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--calibration-batches", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--output-dir", default=str(BENCH_DIR))
+    parser.add_argument("--machine", default=f"{psutil.cpu_count()} CPU cores")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.methods) - set(METHODS) - set(TP_METHODS))
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose from {sorted([*METHODS, *TP_METHODS])}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.manual_seed(0)
+    dense_model = load_sample_model().eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        train_loader, val_loader = digits_dataloaders(
+            Path(tmp) / "digits",
+            dense_model.image_processor,
+            batch_size=args.batch_size,
+            model_config=dense_model.config,
+        )
+        calibration = [batch for _, batch in zip(range(args.calibration_batches), train_loader)]
+        dense = {
+            "top1": evaluate_model(dense_model, val_loader)["top_1_accuracy"],
+            "macs": count_macs(dense_model),
+            "params": count_params(dense_model),
+        }
+        rows = []
+        for ratio in args.ratios:
+            for name in args.methods:
+                logger.info("%s at %.0f%% of dense MACs", name, 100 * ratio)
+                row, student = run_one(name, dense_model, ratio, calibration, train_loader, val_loader, args)
+                dense_s, pruned_s = paired_latency([dense_model, student], args.batch_size, 32, args.repeats)
+                row["speedup"] = dense_s / pruned_s
+                rows.append(row)
+        stock = stock_vit_row(dense_model, 0.5, args)
+    write_results(rows, dense, stock, args)
+    print((Path(args.output_dir) / "RESULTS.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
