@@ -223,4 +223,22 @@ def count_params(model_or_config: PrunedViTConfig | nn.Module, by_block: bool = 
     return breakdown if by_block else breakdown.total
 
 
-__all__ = ["Cost", "CostBreakdown", "block_cost", "count_macs", "count_params", "linear_cost"]
+def cost_record(
+    model: PrunedViTConfig | nn.Module, dense: PrunedViTConfig | nn.Module | None = None, **dense_cost: int
+) -> dict[str, float]:
+    """MACs and params of `model` beside those of the dense model (`dense`, or `dense_macs=`/`dense_params=` given
+    directly), with their ratios: the cost part of a `config.pruning` record."""
+    macs, params = count_macs(model), count_params(model)
+    dense_macs = dense_cost["dense_macs"] if "dense_macs" in dense_cost else count_macs(dense)
+    dense_params = dense_cost["dense_params"] if "dense_params" in dense_cost else count_params(dense)
+    return {
+        "macs": macs,
+        "params": params,
+        "dense_macs": dense_macs,
+        "dense_params": dense_params,
+        "macs_ratio": macs / dense_macs,
+        "params_ratio": params / dense_params,
+    }
+
+
+__all__ = ["Cost", "CostBreakdown", "block_cost", "cost_record", "count_macs", "count_params", "linear_cost"]

@@ -35,6 +35,7 @@ import torch
 
 from .configuration_pruned_vit import PrunedViTConfig
 from .modeling_pruned_vit import PrunedViTLayer
+from .structure import write_json_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -253,10 +254,7 @@ class LatencyTable:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the table as JSON (through a temporary file)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict()))
-        os.replace(tmp, path)
+        write_json_atomically(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LatencyTable:

@@ -45,7 +45,7 @@ def prune(
     presence of data, and that the target is reachable with the chosen kinds.
     """
     from .convert import to_pruned_vit
-    from .cost import count_macs, count_params
+    from .cost import cost_record, count_macs, count_params
 
     pruning_method = get_method(method, **method_kwargs)
     budget = make_budget(target_macs_ratio, target_params_ratio, target_latency_ratio, latency_model)
@@ -63,17 +63,13 @@ def prune(
     previous = source.config.pruning or {}  # a PrunedViT pruned again keeps its original dense reference
     dense_macs = previous.get("dense_macs", count_macs(source))
     dense_params = previous.get("dense_params", count_params(source))
-    macs, params = count_macs(pruned), count_params(pruned)
+    record = cost_record(pruned, dense_macs=dense_macs, dense_params=dense_params)
+    macs, params = record["macs"], record["params"]
     pruned.config.pruning = {
         "method": pruning_method.name,
         "source": previous.get("source", getattr(source.config, "_name_or_path", "") or type(model).__name__),
         "target": {budget.metric: budget.ratio},
-        "macs": macs,
-        "params": params,
-        "dense_macs": dense_macs,
-        "dense_params": dense_params,
-        "macs_ratio": macs / dense_macs,
-        "params_ratio": params / dense_params,
+        **record,
         "kinds": list(pruning_method.config.kinds),
         "seconds": round(seconds, 3),
     }

@@ -197,7 +197,7 @@ Reproduce: `{TRAIN_COMMAND}` (`python -m hf_vitprune.sample --train --output hf_
 evaluate: `python -m hf_vitprune.sample --evaluate`.
 
 ```python
-import hf_vitprune  # registers PrunedViT with the Auto classes (or pass trust_remote_code=True)
+import hf_vitprune  # registers PrunedViT with the Auto classes (this folder carries no modeling code)
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 model = AutoModelForImageClassification.from_pretrained(hf_vitprune.sample.SAMPLE_MODEL_DIR)
 processor = AutoImageProcessor.from_pretrained(hf_vitprune.sample.SAMPLE_MODEL_DIR)

@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -106,6 +107,14 @@ def remove_gates(model: nn.Module) -> None:
             setattr(module, name, None)
 
 
+def write_json_atomically(path: str | os.PathLike, data: Any) -> None:
+    """Write `data` as JSON to a temporary file beside `path`, then rename it: `path` is never half-written."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
 @dataclass
 class PruningPlan:
     """Kept unit indices per kind and layer: `keep[kind][layer]` is a sorted list of indices.
@@ -177,10 +186,7 @@ class PruningPlan:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the plan as JSON (through a temporary file, so a crash never leaves half a plan)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict()))
-        os.replace(tmp, path)
+        write_json_atomically(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PruningPlan:

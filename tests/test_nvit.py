@@ -4,15 +4,12 @@ import argparse
 import json
 import logging
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_config
+from helpers import run_one_and_two_processes
 from test_modeling import IRREGULAR, randomize
 
 from hf_vitprune import PrunedViTForImageClassification, PrunedViTForImageClassificationWithTeacher, prune
@@ -372,61 +369,35 @@ def test_zero_pruned_units_keeps_the_masked_function(pixel_values):
 
 # ---------------------------------------------------------------------------------------------------- 2 processes
 
-SCRIPT = textwrap.dedent(
-    """
-    import json, os, sys
-    import torch
-    import torch.distributed as dist
-    sys.path.insert(0, {tests!r})
-    from test_modeling import randomize
-    from test_nvit import batches
-    from conftest import tiny_config
-    from hf_vitprune import PrunedViTForImageClassification
-    from hf_vitprune.budget import make_budget
-    from hf_vitprune.methods import get_method
-    from hf_vitprune.methods.nvit import NViTCallback
+BODY = """
+from test_modeling import randomize
+from test_nvit import batches
+from conftest import tiny_config
+from hf_vitprune import PrunedViTForImageClassification
+from hf_vitprune.budget import make_budget
+from hf_vitprune.methods import get_method
+from hf_vitprune.methods.nvit import NViTCallback
 
-    distributed = "WORLD_SIZE" in os.environ
-    if distributed:
-        dist.init_process_group("gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    shard = batches(4)[rank::world]
-    model = randomize(PrunedViTForImageClassification(tiny_config()), seed=9)
-    method = get_method("nvit")
-    scores = method.score(model, shard)
-    plan = method.select(model, scores, make_budget(target_macs_ratio=0.5))
-    # the callback's step: gradients of this rank's batches, saliency all-reduced before ranking
-    callback = NViTCallback(target_macs_ratio=0.5, groups_per_step=5, cumulative_ranking=False)
-    callback.on_train_begin(None, None, None, model=model)
-    for batch in shard:
-        model.zero_grad()
-        model(**batch).loss.backward()
-        callback.on_optimizer_step(None, None, None, model=model)
-    callback.prune_step(model)
-    result = {{"world": world, "plan": plan.to_dict(), "step": callback.plan.to_dict(),
-              "head": scores["head"][1].tolist()}}
-    with open(os.path.join({out!r}, f"nvit-{{world}}-{{rank}}.json"), "w") as f:
-        json.dump(result, f)
-    if distributed:
-        dist.destroy_process_group()
-    """
-)
+shard = batches(4)[rank::world]
+model = randomize(PrunedViTForImageClassification(tiny_config()), seed=9)
+method = get_method("nvit")
+scores = method.score(model, shard)
+plan = method.select(model, scores, make_budget(target_macs_ratio=0.5))
+# the callback's step: gradients of this rank's batches, saliency all-reduced before ranking
+callback = NViTCallback(target_macs_ratio=0.5, groups_per_step=5, cumulative_ranking=False)
+callback.on_train_begin(None, None, None, model=model)
+for batch in shard:
+    model.zero_grad()
+    model(**batch).loss.backward()
+    callback.on_optimizer_step(None, None, None, model=model)
+callback.prune_step(model)
+result = {"plan": plan.to_dict(), "step": callback.plan.to_dict(), "head": scores["head"][1].tolist()}
+"""
 
 
 @pytest.mark.distributed
 def test_two_processes_choose_the_groups_of_one_process_on_all_data(tmp_path):
-    tests = os.path.dirname(os.path.abspath(__file__))
-    script = tmp_path / "nvit.py"
-    script.write_text(SCRIPT.format(tests=tests, out=str(tmp_path)))
-    path = os.pathsep.join([os.path.dirname(tests), os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=path)
-    single = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
-    double = subprocess.run([*launch, str(script)], env=env, capture_output=True, text=True, timeout=600)
-    assert double.returncode == 0, double.stderr[-3000:]
-    one, a, b = (json.loads((tmp_path / f"nvit-{n}.json").read_text()) for n in ("1-0", "2-0", "2-1"))
-    assert a["world"] == b["world"] == 2
+    one, a, b = run_one_and_two_processes(BODY, tmp_path)
     assert a["plan"] == b["plan"] == one["plan"] and a["step"] == b["step"] == one["step"]
     assert a["step"] != PruningPlan.full(tiny_config()).to_dict()
     for x, y in zip(a["head"], one["head"]):

@@ -32,7 +32,7 @@ from transformers import DeiTImageProcessor
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 
 from ..configuration_pruned_vit import PrunedViTConfig
-from ..cost import count_macs, count_params
+from ..cost import cost_record
 from ..modeling_pruned_vit import PrunedViTForImageClassification
 from ..structure import PruningPlan, compact
 from .common import BlockWeights, blocks_config_kwargs, check_image_processor, encoder_state, label_kwargs, put_linear
@@ -258,22 +258,12 @@ def from_savit_checkpoint(
     }
     plan = PruningPlan.from_masks(config, masks)
     pruned = compact(dense, plan)
-    macs, params, dense_macs, dense_params = (
-        count_macs(pruned),
-        count_params(pruned),
-        count_macs(dense),
-        count_params(dense),
-    )
+    record = cost_record(pruned, dense)
     pruned.config.pruning = {
         "method": "savit",
         "source": os.fspath(path),
         "source_class": "SAViT masked checkpoint",
-        "macs": macs,
-        "params": params,
-        "dense_macs": dense_macs,
-        "dense_params": dense_params,
-        "macs_ratio": macs / dense_macs,
-        "params_ratio": params / dense_params,
+        **record,
         "kinds": ["head", "mlp", "embed"],
     }
     logger.info(
@@ -283,7 +273,7 @@ def from_savit_checkpoint(
         plan.num_kept("mlp"),
         plan.num_kept("embed")[0],
         hidden,
-        100 * macs / dense_macs,
+        100 * record["macs_ratio"],
     )
     return (pruned, plan) if return_plan else pruned
 

@@ -35,7 +35,7 @@ from transformers import TrainerCallback
 from ...budget import make_budget
 from ...callbacks import PLAN_FILE, zero_pruned_weights
 from ...configuration_pruned_vit import PrunedViTConfig
-from ...cost import count_macs, count_params
+from ...cost import cost_record
 from ...importance import Scores, is_main_process
 from ...modeling_pruned_vit import PrunedViTPreTrainedModel
 from ...structure import PruningPlan, _channel_indices, apply_masks, base_model, compact, unit_counts
@@ -214,20 +214,13 @@ class NViTCallback(TrainerCallback):
         if self.plan is None:
             raise ValueError("the callback has not run yet: compact() is for after trainer.train().")
         pruned = compact(model, self.plan)
-        macs, params = count_macs(pruned), count_params(pruned)
-        dense_macs, dense_params = count_macs(model), count_params(model)
         pruned.config.pruning = {
             **(model.config.pruning or {}),
             "method": "nvit",
             "target": {self.budget.metric: self.budget.ratio},
             "reached": self.reached,
             "pruning_steps": self.pruning_steps,
-            "macs": macs,
-            "params": params,
-            "dense_macs": dense_macs,
-            "dense_params": dense_params,
-            "macs_ratio": macs / dense_macs,
-            "params_ratio": params / dense_params,
+            **cost_record(pruned, model),
             "kinds": list(self.kinds),
         }
         return pruned
