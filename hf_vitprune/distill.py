@@ -168,6 +168,10 @@ def teacher_outputs(teacher: nn.Module, pixel_values: torch.Tensor) -> Any:
     return teacher(pixel_values.to(device=parameter.device, dtype=parameter.dtype))
 
 
+#: Keyword options of `DistillationLoss` (also taken by `DistillationTrainer`).
+LOSS_OPTIONS = ("distillation_type", "alpha", "tau", "parent_kl_weight", "parent_kl_tau", "parent_kl_per_head")
+
+
 class DistillationLoss:
     """The training loss of a student: `distillation_loss` against `teacher` plus, when `parent_kl_weight > 0`,
     NViT's `kl_to_parent_loss` against `parent` (the dense model the student was pruned from; default: the
@@ -265,31 +269,11 @@ class DistillationTrainer(Trainer):
         *args, **kwargs: `Trainer`'s (`compute_loss_func` is not supported: the loss is this class's).
     """
 
-    def __init__(
-        self,
-        *args,
-        teacher: nn.Module | None = None,
-        parent: nn.Module | None = None,
-        distillation_type: str = "soft",
-        alpha: float = 0.5,
-        tau: float = 1.0,
-        parent_kl_weight: float = 0.0,
-        parent_kl_tau: float = 20.0,
-        parent_kl_per_head: bool = False,
-        **kwargs,
-    ) -> None:
+    def __init__(self, *args, teacher: nn.Module | None = None, parent: nn.Module | None = None, **kwargs) -> None:
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("DistillationTrainer computes its own loss; do not pass compute_loss_func.")
-        self.loss_fn = DistillationLoss(
-            teacher,
-            parent,
-            distillation_type=distillation_type,
-            alpha=alpha,
-            tau=tau,
-            parent_kl_weight=parent_kl_weight,
-            parent_kl_tau=parent_kl_tau,
-            parent_kl_per_head=parent_kl_per_head,
-        )
+        loss_options = {name: kwargs.pop(name) for name in LOSS_OPTIONS if name in kwargs}
+        self.loss_fn = DistillationLoss(teacher, parent, **loss_options)
         super().__init__(*args, **kwargs)
         device = next(self.model.parameters()).device
         self.loss_fn.replace_frozen(lambda model: model.eval().requires_grad_(False).to(device))

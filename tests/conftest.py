@@ -37,3 +37,21 @@ def tiny_model() -> PrunedViTForImageClassification:
 @pytest.fixture
 def pixel_values() -> torch.Tensor:
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+class RandomImages(torch.utils.data.Dataset):
+    """`n` seeded random 32x32 images with labels, as dict examples (plus an `index` column with `extra_column`,
+    as a `with_transform` dataset under `remove_unused_columns=False` has)."""
+
+    def __init__(self, n: int = 8, extra_column: bool = False):
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 3, 32, 32, generator=generator)
+        self.y = torch.randint(0, 10, (n,), generator=generator)
+        self.extra_column = extra_column
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        example = {"pixel_values": self.x[i], "labels": self.y[i]}
+        return {**example, "index": i} if self.extra_column else example

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import RandomImages, tiny_config
 from test_modeling import randomize
 from transformers import TrainingArguments
 
@@ -107,21 +107,6 @@ def test_no_weight_decay_on_biases_norms_and_tokens(tiny_model):
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
 
 
-class Images(torch.utils.data.Dataset):
-    """Dict examples with an extra column, as a `with_transform` dataset under remove_unused_columns=False."""
-
-    def __init__(self, n=8):
-        generator = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, 3, 32, 32, generator=generator)
-        self.y = torch.randint(0, 10, (n,), generator=generator)
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return {"pixel_values": self.x[i], "labels": self.y[i], "index": i}
-
-
 def trainer_step(tmp_path, batch_size, accumulation, model, teacher):
     args = TrainingArguments(
         output_dir=str(tmp_path / f"ga{accumulation}"),
@@ -140,7 +125,13 @@ def trainer_step(tmp_path, batch_size, accumulation, model, teacher):
         disable_tqdm=True,
     )
     trainer = DistillationTrainer(
-        model=model, args=args, train_dataset=Images(), teacher=teacher, distillation_type="soft", alpha=0.7, tau=2.0
+        model=model,
+        args=args,
+        train_dataset=RandomImages(extra_column=True),
+        teacher=teacher,
+        distillation_type="soft",
+        alpha=0.7,
+        tau=2.0,
     )
     trainer.train()
     return model

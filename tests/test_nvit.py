@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from conftest import RandomImages, tiny_config
 from helpers import run_one_and_two_processes
 from test_modeling import IRREGULAR, randomize
 
@@ -281,19 +281,6 @@ def test_latency_target_with_a_table():
 # ---------------------------------------------------------------------------------------------------- Trainer
 
 
-class DictDataset(torch.utils.data.Dataset):
-    def __init__(self, n: int):
-        generator = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, 3, 32, 32, generator=generator)
-        self.y = torch.randint(0, 10, (n,), generator=generator)
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return {"pixel_values": self.x[i], "labels": self.y[i]}
-
-
 def train(model, callback, tmp_path, max_steps: int):
     from transformers import Trainer, TrainingArguments
 
@@ -309,7 +296,7 @@ def train(model, callback, tmp_path, max_steps: int):
         logging_strategy="no",
         disable_tqdm=True,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=DictDataset(32), callbacks=[callback])
+    trainer = Trainer(model=model, args=args, train_dataset=RandomImages(32), callbacks=[callback])
     trainer.train()
     return trainer
 
