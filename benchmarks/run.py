@@ -13,7 +13,6 @@ import argparse
 import copy
 import json
 import logging
-import statistics
 import sys
 import tempfile
 import threading
@@ -27,7 +26,7 @@ from hf_vitprune import prune
 from hf_vitprune.cost import count_macs, count_params
 from hf_vitprune.data import digits_dataloaders
 from hf_vitprune.distill import finetune
-from hf_vitprune.evaluation import evaluate_model
+from hf_vitprune.evaluation import compare_latency, evaluate_model
 from hf_vitprune.methods import METHODS
 from hf_vitprune.sample import load_sample_model
 from hf_vitprune.tp import to_hf_vit, tp_prune_vit_to_macs
@@ -59,23 +58,6 @@ class PeakMemory:
         self.megabytes = (self.peak - self.start) / 2**20
 
 
-@torch.inference_mode()
-def paired_latency(models: list[torch.nn.Module], batch_size: int, image_size: int, repeats: int) -> list[float]:
-    """Median seconds per batch of each model, timed round-robin so load on the machine hits all alike."""
-    x = torch.randn(batch_size, 3, image_size, image_size)
-    for model in models:
-        model.eval()
-        for _ in range(3):
-            model(pixel_values=x)
-    times: list[list[float]] = [[] for _ in models]
-    for _ in range(repeats):
-        for i, model in enumerate(models):
-            start = time.perf_counter()
-            model(pixel_values=x)
-            times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
-
-
 def run_one(name, dense, ratio, calibration, train_loader, val_loader, args) -> tuple[dict, torch.nn.Module]:
     with PeakMemory() as memory:
         start = time.perf_counter()
@@ -103,7 +85,7 @@ def stock_vit_row(dense, ratio: float, args) -> dict:
     """A uniformly pruned PrunedViT (equal dims in every block) against transformers' ViT of the same dims."""
     pruned = prune(dense, "magnitude", target_macs_ratio=ratio, kinds=("embed", "head", "mlp"), scope="uniform")
     stock = to_hf_vit(pruned)
-    ours, theirs = paired_latency([pruned, stock], args.batch_size, dense.config.image_size, args.repeats)
+    ours, theirs = compare_latency([pruned, stock], args.batch_size, args.repeats)
     return {
         "dims": f"E={pruned.config.hidden_size}, heads={pruned.config.heads_per_layer[0]}, "
         f"mlp={pruned.config.intermediate_sizes[0]}",
@@ -203,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.methods:
                 logger.info("%s at %.0f%% of dense MACs", name, 100 * ratio)
                 row, student = run_one(name, dense_model, ratio, calibration, train_loader, val_loader, args)
-                dense_s, pruned_s = paired_latency([dense_model, student], args.batch_size, 32, args.repeats)
+                dense_s, pruned_s = compare_latency([dense_model, student], args.batch_size, args.repeats)
                 row["speedup"] = dense_s / pruned_s
                 rows.append(row)
         stock = stock_vit_row(dense_model, 0.5, args)

@@ -18,7 +18,7 @@ from . import data
 from .convert import to_pruned_vit
 from .cost import count_macs, count_params
 from .distill import finetune
-from .evaluation import evaluate_model, measure_latency
+from .evaluation import compare_latency, evaluate_model
 from .methods import METHODS
 from .pruner import prune
 from .recipes import save_model_folder
@@ -76,8 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
         metrics = evaluate_model(pruned.eval(), eval_loader)
 
     device = str(next(pruned.parameters()).device)
-    dense_latency = measure_latency(dense, batch_size=64)
-    pruned_latency = measure_latency(pruned, batch_size=64)
+    dense_latency, pruned_latency = compare_latency([dense, pruned], batch_size=64, repeats=20)
     target = round(100 * args.target_macs_ratio)
     results = {
         "method": method,

@@ -114,20 +114,35 @@ def measure_latency(
     warmup: int = 3,
     image_size: int | None = None,
 ) -> float:
-    """Median seconds of one forward pass on a random batch (`torch.inference_mode`, accelerator synchronised
-    around each timed pass), on the device and dtype of the model's parameters.
+    """Median seconds of one forward pass of `model` on a random batch (see `compare_latency`)."""
+    return compare_latency([model], batch_size, repeats, warmup, image_size)[0]
 
-    `image_size` defaults to `model.config.image_size` (the channels to `model.config.num_channels`, else 3).
+
+def compare_latency(
+    models: Sequence[nn.Module],
+    batch_size: int = 64,
+    repeats: int = 10,
+    warmup: int = 3,
+    image_size: int | None = None,
+) -> list[float]:
+    """Median seconds of one forward pass of each model on the same random batch, timed round-robin (one pass of
+    each model per repeat), so a change of load on the machine hits all models alike and their ratio is fair.
+
+    Runs under `torch.inference_mode`, with the accelerator synchronised around each timed pass, on the device and
+    dtype of the first model's parameters. `image_size` defaults to `config.image_size` of the first model (the
+    channels to its `config.num_channels`, else 3).
     """
     _positive_int("batch_size", batch_size)
     _positive_int("repeats", repeats)
     _positive_int("warmup", warmup, minimum=0)
-    config = getattr(model, "config", None)
+    if not models:
+        raise ValueError("models must list at least one model.")
+    config = getattr(models[0], "config", None)
     image_size = image_size or getattr(config, "image_size", None)
     if image_size is None:
         raise ValueError("image_size is required for a model without config.image_size.")
     channels = getattr(config, "num_channels", 3)
-    parameter = next(model.parameters())
+    parameter = next(models[0].parameters())
     pixel_values = torch.randn(
         batch_size, channels, image_size, image_size, device=parameter.device, dtype=parameter.dtype
     )
@@ -136,21 +151,23 @@ def measure_latency(
         if parameter.device.type != "cpu":
             torch.accelerator.synchronize(parameter.device)
 
-    was_training = model.training
-    model.eval()
-    times = []
+    modes = [model.training for model in models]
+    times: list[list[float]] = [[] for _ in models]
     try:
         with torch.inference_mode():
             for step in range(warmup + repeats):
-                synchronize()
-                start = time.perf_counter()
-                model(pixel_values)
-                synchronize()
-                if step >= warmup:
-                    times.append(time.perf_counter() - start)
+                for model, seconds in zip(models, times):
+                    model.eval()
+                    synchronize()
+                    start = time.perf_counter()
+                    model(pixel_values)
+                    synchronize()
+                    if step >= warmup:
+                        seconds.append(time.perf_counter() - start)
     finally:
-        model.train(was_training)
-    return statistics.median(times)
+        for model, mode in zip(models, modes):
+            model.train(mode)
+    return [statistics.median(seconds) for seconds in times]
 
 
-__all__ = ["evaluate_model", "measure_latency"]
+__all__ = ["compare_latency", "evaluate_model", "measure_latency"]

@@ -20,7 +20,7 @@ from hf_vitprune import PrunedViTForImageClassification, PrunedViTForImageClassi
 from hf_vitprune.cli import main
 from hf_vitprune.cost import count_macs, count_params
 from hf_vitprune.data import load_image_dataset
-from hf_vitprune.evaluation import evaluate_model, measure_latency
+from hf_vitprune.evaluation import compare_latency, evaluate_model, measure_latency
 from hf_vitprune.hub import (
     CHART_NAME,
     check_hub_folder,
@@ -375,6 +375,21 @@ def test_measure_latency(tiny_model):
         measure_latency(tiny_model, repeats=0)
     with pytest.raises(ValueError, match="image_size is required"):
         measure_latency(torch.nn.Linear(3, 3))
+
+
+def test_compare_latency_times_models_round_robin(tiny_model):
+    calls = []
+    small = PrunedViTForImageClassification(tiny_config(num_hidden_layers=1)).train()
+    hooks = [
+        m.register_forward_hook(lambda *_, n=n: calls.append(n)) for n, m in (("big", tiny_model), ("small", small))
+    ]
+    big_seconds, small_seconds = compare_latency([tiny_model, small], batch_size=2, repeats=3, warmup=1)
+    assert calls == ["big", "small"] * 4  # one pass of each per step, alternating, warm-up included
+    assert 0 < small_seconds and 0 < big_seconds and small.training and not tiny_model.training
+    with pytest.raises(ValueError, match="at least one model"):
+        compare_latency([])
+    for hook in hooks:
+        hook.remove()
 
 
 def test_cli_eval_prints_and_writes_the_card(folder_copy, imagefolder, capsys):
