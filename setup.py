@@ -30,7 +30,7 @@ install_requires = [
 ]
 
 extras = {
-    "dev": ["pytest", "pytest-timeout", "ruff"],
+    "dev": ["pytest", "pytest-timeout", "ruff", "playwright"],  # playwright drives the system Chromium
     "space": ["gradio>=6,<7", "matplotlib"],
     "timm": ["torch-pruning>=1.6"],
 }

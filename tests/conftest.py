@@ -39,6 +39,16 @@ def pixel_values() -> torch.Tensor:
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one torch thread, and do not stall when other processes hold the cores; a module
+    opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class RandomImages(torch.utils.data.Dataset):
     """`n` seeded random 32x32 images with labels, as dict examples (plus an `index` column with `extra_column`,
     as a `with_transform` dataset under `remove_unused_columns=False` has)."""

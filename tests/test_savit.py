@@ -37,13 +37,7 @@ KINDS = ("head", "mlp", "embed")
 MIXED = dict(num_attention_heads=[4, 2, 3], qk_head_dim=[8, 16, 8], v_head_dim=[16, 8, 24], intermediate_size=128)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and do not stall when other processes hold the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one torch thread
 
 
 def micro_model() -> PrunedViTForImageClassification:
