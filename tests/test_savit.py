@@ -3,14 +3,12 @@
 import argparse
 import logging
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_config
-from test_cli_prune import image_folder, model_folder  # noqa: F401 - fixtures
 from test_engine import Exploding, batches
 from test_modeling import randomize
 
@@ -496,32 +494,3 @@ def test_converter_rejects_what_is_not_a_savit_checkpoint(tmp_path):
     torch.save({"model": state}, tmp_path / "empty.pth")
     with pytest.raises(ValueError, match="at least one must stay"):
         from_savit_checkpoint(tmp_path / "empty.pth")
-
-
-def test_recipe_prunes_saves_and_reuses_its_statistics(model_folder, image_folder, tmp_path):  # noqa: F811
-    import importlib.util
-
-    from transformers import AutoModelForImageClassification
-
-    spec = importlib.util.spec_from_file_location("prune_savit", Path(__file__).parents[1] / "recipes/prune_savit.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    common = ["--model", str(model_folder), "--target_macs_ratio", "0.5", "--search", "grid"]
-    output = tmp_path / "run"
-    data = ["--data", str(image_folder), "--batch_size", "4", "--calibration_fraction", "1.0"]
-    assert recipe.main([*common, *data, "--output_dir", str(output)]) == 0
-    pruned = AutoModelForImageClassification.from_pretrained(output / "model")
-    assert 0.5 - 1e-3 <= count_macs(pruned) / count_macs(PrunedViTForImageClassification(tiny_config())) <= 0.5
-    statistics = output / "savit_importance.safetensors"
-    assert SAViTImportance.load(statistics).hessian is not None
-    again = tmp_path / "again"
-    assert (
-        recipe.main([*common, "--importance_from", str(statistics), "--no-need_hessian", "--output_dir", str(again)])
-        == 0
-    )
-    assert (
-        AutoModelForImageClassification.from_pretrained(again / "model").config.to_dict()["per_layer_config"]
-        == (pruned.config.to_dict()["per_layer_config"])
-    )
-    with pytest.raises(ValueError, match="tolerance"):
-        recipe.main([*common, *data, "--tolerance", "2", "--output_dir", str(tmp_path / "bad")])

@@ -39,7 +39,7 @@ class SAViTConfig(PruningMethodConfig):
             from the target in closed form [SAViT prunes all three, `--pruning_layers 3`; other values crash there].
         calibration_fraction: fraction of the dataloader's batches used for the statistics, in (0, 1]
             [`--pruning_feed_percent`: 0.1 of an ImageNet epoch, 4003 batches of 32]. The default 1.0 uses the
-            whole calibration loader given to `prune()`; the recipe applies 0.1 to the train loader.
+            whole calibration loader given to `prune()`; the recipes score `--num_score_batches` training batches.
         tolerance: the allocation must land between `target - tolerance` and `target` (fractions of the dense
             cost), never above the target [`--pruning_flops_threshold`: argparse default 1e-3, used the band
             target ± tolerance].
