@@ -126,7 +126,8 @@ def compare_latency(
     image_size: int | None = None,
 ) -> list[float]:
     """Median seconds of one forward pass of each model on the same random batch, timed round-robin (one pass of
-    each model per repeat), so a change of load on the machine hits all models alike and their ratio is fair.
+    each model per repeat, the order reversed every other repeat): neither its position nor a change of load on the
+    machine favours a model, so their ratio is fair.
 
     Runs under `torch.inference_mode`, with the accelerator synchronised around each timed pass, on the device and
     dtype of the first model's parameters. `image_size` defaults to `config.image_size` of the first model (the
@@ -156,7 +157,8 @@ def compare_latency(
     try:
         with torch.inference_mode():
             for step in range(warmup + repeats):
-                for model, seconds in zip(models, times):
+                order = list(zip(models, times))
+                for model, seconds in order if step % 2 == 0 else order[::-1]:
                     model.eval()
                     synchronize()
                     start = time.perf_counter()

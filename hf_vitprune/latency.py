@@ -3,15 +3,19 @@
 NViT (Yang et al., CVPR 2023, spec §3.1) prices a model by the sum over its blocks of the measured latency of one
 transformer block with the block's dims (embedding E, heads H, per-head Q/K dim, per-head V dim, MLP width),
 read from a table measured on the target hardware and interpolated multilinearly between grid points. Patch
-embedding, tokens, final norm and classifier are not modelled. `LatencyTable` is that model for any device:
+embedding, tokens, final norm and classifier are not modelled there; `LatencyTable` is that model for any device,
+plus one measured constant, `overhead`: the dense model's time outside its blocks (patch embedding, final norm,
+classifier). NViT leaves it out, which makes a latency target optimistic when that part is large (high resolution,
+few blocks); on the digits ViT it is about 1 % of the latency. A constant changes which plan meets a target, not how
+units rank.
 
     table = LatencyTable.measure(model.config, batch_size=64)   # times real PrunedViT blocks here (CPU or CUDA)
     table.save("latency.json")
     budget = make_budget(target_latency_ratio=0.5, latency_model=LatencyTable.load("latency.json"))
 
-`table(config)` returns seconds for a config, `table.block(embed, heads, qk, v, mlp)` for one block. The table is
-generic: any method that accepts a `latency_model(config) -> seconds` can use it. NViT's own `latency_head.json`
-(V100, batch 256) is read by `LatencyTable.from_nvit_json`.
+`table(config)` returns seconds for a config (overhead + its blocks), `table.block(embed, heads, qk, v, mlp)` for
+one block. The table is generic: any method that accepts a `latency_model(config) -> seconds` can use it. NViT's
+own `latency_head.json` (V100, batch 256) is read by `LatencyTable.from_nvit_json`.
 
 Interpolation is multilinear on the grid, like scipy's `RegularGridInterpolator` that NViT uses, written with
 numpy (scipy is not a dependency). Queries outside the grid raise, as NViT's `bounds_error=True`; the default grid
@@ -21,6 +25,7 @@ not be monotone (timing noise, kernel choices), so the latency saved by removing
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import logging
@@ -34,7 +39,7 @@ import numpy as np
 import torch
 
 from .configuration_pruned_vit import PrunedViTConfig
-from .modeling_pruned_vit import PrunedViTLayer
+from .modeling_pruned_vit import PrunedViTForImageClassification, PrunedViTLayer
 from .structure import write_json_atomically
 
 logger = logging.getLogger(__name__)
@@ -54,6 +59,9 @@ def _dense_dims(config: PrunedViTConfig) -> dict[str, int]:
         "mlp": max(config.intermediate_sizes),
     }
 
+
+#: Largest share of a model's time `LatencyTable.measure` attributes to what lies outside its blocks.
+MAX_OVERHEAD_SHARE = 0.9
 
 #: Grid values of the matrix dimensions (all axes but heads) are multiples of this, the widths pruning keeps.
 GRID_ALIGNMENT = 8
@@ -106,6 +114,7 @@ class LatencyTable:
         seconds: array of shape `[len(axes[a]) for a in AXES]` (or the nested/flat list of it).
         tokens: tokens per image the blocks were timed with (CLS/distillation tokens + patches).
         batch_size: images per timed forward pass.
+        overhead: seconds of the model outside its blocks, added to every estimate (0 for NViT's own tables).
         metadata: free-form record of the measurement (device, dtype, threads, torch version, ...).
     """
 
@@ -116,6 +125,7 @@ class LatencyTable:
         *,
         tokens: int,
         batch_size: int,
+        overhead: float = 0.0,
         metadata: dict[str, Any] | None = None,
     ) -> None:
         self.axes = _check_axes(axes)
@@ -126,6 +136,9 @@ class LatencyTable:
         self.seconds = values
         self.tokens = int(tokens)
         self.batch_size = int(batch_size)
+        if not (np.isfinite(overhead) and overhead >= 0):
+            raise ValueError(f"overhead must be finite seconds >= 0, got {overhead!r}.")
+        self.overhead = float(overhead)
         self.metadata = dict(metadata or {})
 
     @classmethod
@@ -144,9 +157,12 @@ class LatencyTable:
     ) -> LatencyTable:
         """Time single PrunedViT blocks of `config`'s token count and attention implementation on every grid point.
 
-        The grid is swept `repeats` times, each time in a new random order, and a point keeps the median of its
-        timings: load that drifts during the measurement (other processes, clock scaling, a cold start) then
-        spreads over all points instead of biasing the ones measured at that moment.
+        The grid is swept `repeats` times, each time in a new random order, and a point keeps the fastest of its
+        timings: load from elsewhere (other processes, a noisy neighbour, clock scaling) only ever adds time, and
+        the random orders spread it over all points instead of biasing the ones measured at that moment. Once a
+        sweep the whole dense model of `config` (random weights) is timed, then right after it each of its blocks
+        alone: the median share of its time outside the blocks sets `overhead` (as that share of the table's own
+        price of the blocks, so the table's level does not matter, only the measured proportion).
 
         Args:
             config: the model to price (tokens, LayerNorm, activation, bias and attention implementation are
@@ -176,31 +192,54 @@ class LatencyTable:
         points = list(itertools.product(*(range(n) for n in shape)))
         timings: dict[tuple[int, ...], list[float]] = {point: [] for point in points}
         generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        model = (
+            PrunedViTForImageClassification(_timing_config(config, attn_implementation))
+            .to(device=device, dtype=dtype)
+            .eval()
+        )
+        pixels = torch.randn(batch_size, config.num_channels, config.image_size, config.image_size, generator=generator)
+        pixels = pixels.to(device=device, dtype=dtype)
+        geometries = collections.Counter(_block_dims(config))
+        shares = []  # of the whole model's time spent outside its blocks, one per sweep
+
+        def time_block(dims: tuple[int, ...]) -> float:
+            embed, heads, qk, v, mlp = dims
+            block_config = PrunedViTConfig(
+                hidden_size=embed,
+                num_hidden_layers=1,
+                num_attention_heads=heads,
+                qk_head_dim=qk,
+                v_head_dim=v,
+                intermediate_size=mlp,
+                hidden_act=config.hidden_act,
+                layer_norm_eps=config.layer_norm_eps,
+                qkv_bias=config.qkv_bias,
+            )
+            block_config._attn_implementation = attn_implementation
+            torch.manual_seed(seed)
+            block = PrunedViTLayer(block_config, 0).to(device=device, dtype=dtype).eval()
+            hidden = torch.randn(batch_size, tokens, embed, generator=generator).to(device=device, dtype=dtype)
+            return _time(block, hidden, warmup)
+
         start = time.perf_counter()
         for _ in range(repeats):
-            for position in torch.randperm(len(points), generator=generator).tolist():
-                point = points[position]
-                embed, heads, qk, v, mlp = (axes[axis][i] for axis, i in zip(AXES, point))
-                block_config = PrunedViTConfig(
-                    hidden_size=embed,
-                    num_hidden_layers=1,
-                    num_attention_heads=heads,
-                    qk_head_dim=qk,
-                    v_head_dim=v,
-                    intermediate_size=mlp,
-                    hidden_act=config.hidden_act,
-                    layer_norm_eps=config.layer_norm_eps,
-                    qkv_bias=config.qkv_bias,
-                )
-                block_config._attn_implementation = attn_implementation
-                torch.manual_seed(seed)
-                block = PrunedViTLayer(block_config, 0).to(device=device, dtype=dtype).eval()
-                hidden = torch.randn(batch_size, tokens, embed, generator=generator).to(device=device, dtype=dtype)
-                timings[point].append(_time(block, hidden, warmup))
+            for position in torch.randperm(len(points) + 1, generator=generator).tolist():
+                if position < len(points):
+                    point = points[position]
+                    timings[point].append(time_block(tuple(axes[axis][i] for axis, i in zip(AXES, point))))
+                    continue
+                whole = _time(model, pixels, warmup)  # and right after it its blocks, so drift hits both alike
+                shares.append(1.0 - sum(n * time_block(dims) for dims, n in geometries.items()) / whole)
         seconds = np.zeros(shape)
         for point, values in timings.items():
-            seconds[point] = statistics.median(values)
+            seconds[point] = min(values)
         logger.info("measured %d block latencies on %s in %.1f s", len(points), device, time.perf_counter() - start)
+        table = cls(axes, seconds, tokens=tokens, batch_size=batch_size)
+        blocks = table(config)
+        share = min(max(statistics.median(shares), 0.0), MAX_OVERHEAD_SHARE)
+        table.overhead = blocks * share / (1.0 - share)
+        logger.info("dense model: %.2f ms in its blocks + %.2f ms overhead", 1e3 * blocks, 1e3 * table.overhead)
         metadata = {
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),
@@ -209,7 +248,8 @@ class LatencyTable:
             "attn_implementation": attn_implementation,
             "repeats": repeats,
         }
-        return cls(axes, seconds, tokens=tokens, batch_size=batch_size, metadata=metadata)
+        table.metadata = metadata
+        return table
 
     def block(self, embed: float, heads: float, qk: float, v: float, mlp: float) -> float:
         """Interpolated seconds of one block with these dims (ValueError outside the grid)."""
@@ -222,18 +262,11 @@ class LatencyTable:
         return total
 
     def __call__(self, config: PrunedViTConfig) -> float:
-        """Estimated seconds of `config`: the sum of its blocks (NViT's model latency)."""
+        """Estimated seconds of `config`: `overhead` plus the sum of its blocks (NViT's model latency)."""
         tokens = config.num_prefix_tokens + config.num_patches
         if tokens != self.tokens:
             raise ValueError(f"the latency table was measured with {self.tokens} tokens, the config has {tokens}.")
-        dims = zip(
-            config.block_dims,
-            config.heads_per_layer,
-            config.qk_head_dims,
-            config.v_head_dims,
-            config.intermediate_sizes,
-        )
-        return sum(self.block(*block) for block in dims)
+        return self.overhead + sum(self.block(*dims) for dims in _block_dims(config))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -242,6 +275,7 @@ class LatencyTable:
             "seconds": self.seconds.reshape(-1).tolist(),
             "tokens": self.tokens,
             "batch_size": self.batch_size,
+            "overhead": self.overhead,
             "metadata": self.metadata,
         }
 
@@ -250,7 +284,15 @@ class LatencyTable:
         if data.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT} (format={data.get('format')!r}); NViT's tables load with from_nvit_json.")
         tokens, batch_size = data["tokens"], data["batch_size"]
-        return cls(data["axes"], data["seconds"], tokens=tokens, batch_size=batch_size, metadata=data["metadata"])
+        overhead = data.get("overhead", 0.0)  # absent from tables written before it was measured
+        return cls(
+            data["axes"],
+            data["seconds"],
+            tokens=tokens,
+            batch_size=batch_size,
+            overhead=overhead,
+            metadata=data["metadata"],
+        )
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the table as JSON (through a temporary file)."""
@@ -292,7 +334,32 @@ class LatencyTable:
 
     def __repr__(self) -> str:
         sizes = "x".join(str(len(self.axes[axis])) for axis in AXES)
-        return f"LatencyTable({sizes} grid, {self.tokens} tokens, batch {self.batch_size}, {self.metadata})"
+        return (
+            f"LatencyTable({sizes} grid, {self.tokens} tokens, batch {self.batch_size}, "
+            f"overhead {self.overhead:.3g} s, {self.metadata})"
+        )
+
+
+def _block_dims(config: PrunedViTConfig) -> list[tuple[int, int, int, int, int]]:
+    """(embed, heads, qk, v, mlp) of every block of `config`, the table's axes."""
+    return list(
+        zip(
+            config.block_dims,
+            config.heads_per_layer,
+            config.qk_head_dims,
+            config.v_head_dims,
+            config.intermediate_sizes,
+        )
+    )
+
+
+def _timing_config(config: PrunedViTConfig, attn_implementation: str) -> PrunedViTConfig:
+    """A copy of `config` timed like the table's blocks: this attention implementation, no NViT per-token
+    multipliers (the blocks are timed without them)."""
+    config = PrunedViTConfig.from_dict(config.to_dict())
+    config.qkv_token_scale = False
+    config._attn_implementation = attn_implementation
+    return config
 
 
 def _time(block: torch.nn.Module, hidden: torch.Tensor, warmup: int) -> float:

@@ -384,7 +384,7 @@ def test_compare_latency_times_models_round_robin(tiny_model):
         m.register_forward_hook(lambda *_, n=n: calls.append(n)) for n, m in (("big", tiny_model), ("small", small))
     ]
     big_seconds, small_seconds = compare_latency([tiny_model, small], batch_size=2, repeats=3, warmup=1)
-    assert calls == ["big", "small"] * 4  # one pass of each per step, alternating, warm-up included
+    assert calls == ["big", "small", "small", "big"] * 2  # one pass of each per step, order reversed every other
     assert 0 < small_seconds and 0 < big_seconds and small.training and not tiny_model.training
     with pytest.raises(ValueError, match="at least one model"):
         compare_latency([])

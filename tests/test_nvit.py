@@ -240,6 +240,11 @@ def test_latency_table_interpolates_saves_and_loads(tmp_path):
     loaded = LatencyTable.load(tmp_path / "table.json")
     assert loaded.axes == table.axes and loaded.tokens == 17 and (loaded.seconds == table.seconds).all()
     assert loaded(config) == pytest.approx(expected)
+    table.overhead = 2e-3  # the model outside its blocks: added once per model, kept by save/load
+    table.save(tmp_path / "table.json")
+    assert LatencyTable.load(tmp_path / "table.json")(config) == pytest.approx(expected + 2e-3)
+    with pytest.raises(ValueError, match="overhead"):
+        LatencyTable(table.axes, table.seconds, tokens=17, batch_size=1, overhead=-1.0)
 
 
 def test_latency_table_measures_real_blocks():
@@ -248,6 +253,8 @@ def test_latency_table_measures_real_blocks():
     table = LatencyTable.measure(config, batch_size=2, grid=grid, repeats=1, warmup=0)
     assert table.seconds.shape == (2, 2, 2, 2, 2) and (table.seconds > 0).all()
     assert table.tokens == 17 and table.metadata["device"] == "cpu" and table(config) > 0
+    blocks = table(config) - table.overhead
+    assert 0 <= table.overhead <= 9 * blocks  # a measured share of the dense model's time, at most 90 %
     assert LatencyTable.measure(config, batch_size=1, grid=2, repeats=1, warmup=0).axes["mlp"] == [1, 128]
 
 
