@@ -169,3 +169,15 @@ def test_prune_by_params_ratio():
     model = randomize(PrunedViTForImageClassification(tiny_config()))
     pruned = prune(model, "magnitude", target_params_ratio=0.6, kinds=("head", "mlp"))
     assert count_params(pruned) <= 0.6 * count_params(model)
+
+
+def test_default_round_to_keeps_widths_aligned():
+    """Methods keep every pruned width a multiple of 8 unless told otherwise (heads go one by one)."""
+    model = randomize(PrunedViTForImageClassification(tiny_config()))
+    kinds = ("embed", "head", "qk", "v", "mlp")
+    pruned = prune(model, "magnitude", target_macs_ratio=0.4, kinds=kinds)
+    config = pruned.config
+    widths = [config.hidden_size, *config.qk_head_dims, *config.v_head_dims, *config.intermediate_sizes]
+    assert all(w % 8 == 0 for w in widths) and count_macs(pruned) <= 0.4 * count_macs(model)
+    unaligned = prune(model, "magnitude", target_macs_ratio=0.4, kinds=kinds, round_to=1).config
+    assert [unaligned.hidden_size, *unaligned.intermediate_sizes] != [config.hidden_size, *config.intermediate_sizes]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from torch import nn
@@ -13,6 +13,13 @@ from torch import nn
 from ..budget import SCOPES, Budget, Selector
 from ..importance import Scores
 from ..structure import PruningPlan, check_kinds, compact
+
+
+#: Default `round_to`: every matrix width (embedding and block channels, Q/K and V head dims, MLP) kept in
+#: multiples of 8, heads one by one. GEMM kernels and tensor cores want aligned widths (Torch-Pruning recommends 8):
+#: on the digits ViT at 50 % MACs magnitude pruning runs 1.40x faster than dense with round_to=1 (embedding 87)
+#: and 1.61x with these, at the same accuracy.
+ALIGNED_ROUND_TO = {"embed": 8, "channel": 8, "qk": 8, "v": 8, "mlp": 8}
 
 
 @dataclass
@@ -23,12 +30,13 @@ class PruningMethodConfig:
         kinds: unit kinds to prune (see `hf_vitprune.structure.UNIT_KINDS`).
         scope: "global" (one cost-normalised ranking across layers and kinds) or "uniform" (same fraction per
             layer).
-        round_to: keep dims in multiples of this (int, or per kind), for hardware-friendly shapes.
+        round_to: keep dims in multiples of this (an int, or per kind; kinds left out use 1). Default:
+            `ALIGNED_ROUND_TO`, 8 for every width, 1 for heads. A dim smaller than its round_to is not pruned.
     """
 
     kinds: tuple[str, ...] = ("embed", "head", "mlp")
     scope: str = "global"
-    round_to: int | dict[str, int] = 1
+    round_to: int | dict[str, int] = field(default_factory=lambda: dict(ALIGNED_ROUND_TO))
 
     def __post_init__(self) -> None:
         self.kinds = check_kinds(tuple(self.kinds) if not isinstance(self.kinds, str) else self.kinds)

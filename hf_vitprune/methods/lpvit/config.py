@@ -65,6 +65,7 @@ class LPViTConfig(PruningMethodConfig):
     power_sign: str = "pruned"
     min_density: float = 0.05
     num_batches: int | None = None
+    round_to: int | dict[str, int] = 1  # not used: the method allocates dims itself
 
     def __post_init__(self) -> None:
         super().__post_init__()

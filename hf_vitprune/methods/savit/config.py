@@ -74,6 +74,7 @@ class SAViTConfig(PruningMethodConfig):
     num_generations: int = 100
     seed: int = 0
     protect_fraction: float = 0.05
+    round_to: int | dict[str, int] = 1  # not used: the method allocates dims itself
 
     def __post_init__(self) -> None:
         super().__post_init__()
