@@ -8,7 +8,8 @@ always stays (a block never loses its last head, neuron or channel). Two scopes:
 - `global`: one ranking over all layers and kinds of (group score / group cost), the cost-normalised ranking of
   NViT and Torch-Pruning's global mode; the shortest prefix that meets the target is found by bisection, since
   the cost only falls as units are removed.
-- `uniform`: the same fraction of units removed from every layer (Torch-Pruning's default, local mode).
+- `uniform`: the same fraction of units removed from every layer (Torch-Pruning's default, local mode), raised
+  kind by kind in the smallest steps the groups allow.
 """
 
 from __future__ import annotations
@@ -172,19 +173,31 @@ class Selector:
         return self.plan(order, removed_after(low))
 
     def _select_uniform(self, order: dict[tuple[str, int], torch.Tensor]) -> PruningPlan:
-        def removed_at(fraction: float) -> dict[tuple[str, int], int]:
-            return {
-                key: min(
-                    self.removable_groups(*key), int(fraction * self.sizes[key[0]][key[1]] / self.round_to[key[0]])
-                )
-                for key in self.layers
-            }
+        """Raise one fraction f for every layer: a layer's j-th group goes when f reaches j * round_to / size. The
+        steps are those thresholds, the groups of one kind at one threshold moving together (kinds in `KINDS`
+        order on a tie), and the shortest prefix of steps that meets the target is found by bisection. Stepping
+        kind by kind instead of by f alone keeps one step small: with f alone, the fraction that takes the first
+        head of every block (f = 1/4 with 4 heads) also takes the embedding and MLP groups of that fraction."""
+        steps: dict[tuple[float, int], list[tuple[str, int]]] = {}
+        for key in self.layers:
+            kind, layer = key
+            for j in range(1, self.removable_groups(kind, layer) + 1):
+                threshold = j * self.round_to[kind] / self.sizes[kind][layer]
+                steps.setdefault((threshold, KINDS.index(kind)), []).append(key)
+        ordered = [steps[step] for step in sorted(steps)]
 
-        low, high = 0.0, 1.0
-        for _ in range(40):
-            middle = (low + high) / 2
-            if self.cost(self.plan(order, removed_at(middle))) <= self.target_cost:
+        def removed_after(k: int) -> dict[tuple[str, int], int]:
+            removed: dict[tuple[str, int], int] = {}
+            for keys in ordered[:k]:
+                for key in keys:
+                    removed[key] = removed.get(key, 0) + 1
+            return removed
+
+        low, high = 0, len(ordered)  # every step taken meets the target (check_reachable)
+        while low < high:
+            middle = (low + high) // 2
+            if self.cost(self.plan(order, removed_after(middle))) <= self.target_cost:
                 high = middle
             else:
-                low = middle
-        return self.plan(order, removed_at(high))
+                low = middle + 1
+        return self.plan(order, removed_after(low))

@@ -181,3 +181,13 @@ def test_default_round_to_keeps_widths_aligned():
     assert all(w % 8 == 0 for w in widths) and count_macs(pruned) <= 0.4 * count_macs(model)
     unaligned = prune(model, "magnitude", target_macs_ratio=0.4, kinds=kinds, round_to=1).config
     assert [unaligned.hidden_size, *unaligned.intermediate_sizes] != [config.hidden_size, *config.intermediate_sizes]
+
+
+def test_uniform_scope_steps_kind_by_kind():
+    """At f = 1/4 the embedding's second group of 8 and the first of 4 heads are due together: a target that the
+    embedding step meets keeps every head (a fraction for all kinds at once would take a head per block too)."""
+    model = randomize(PrunedViTForImageClassification(tiny_config()))  # embed 64, 4 heads, MLP 128, 3 blocks
+    geometry = tiny_config(hidden_size=48, intermediate_size=104, qk_head_dim=16, v_head_dim=16)
+    reachable = count_macs(geometry) / count_macs(model)
+    pruned = prune(model, "magnitude", target_macs_ratio=reachable + 1e-6).config
+    assert (pruned.hidden_size, pruned.heads_per_layer, pruned.intermediate_sizes) == (48, [4] * 3, [104] * 3)

@@ -14,7 +14,6 @@ from ..budget import SCOPES, Budget, Selector
 from ..importance import Scores
 from ..structure import PruningPlan, check_kinds, compact
 
-
 #: Default `round_to`: every matrix width (embedding and block channels, Q/K and V head dims, MLP) kept in
 #: multiples of 8, heads one by one. GEMM kernels and tensor cores want aligned widths (Torch-Pruning recommends 8):
 #: on the digits ViT at 50 % MACs magnitude pruning runs 1.40x faster than dense with round_to=1 (embedding 87)
