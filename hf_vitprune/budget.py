@@ -157,20 +157,7 @@ class Selector:
         )
 
         # within a layer the ratios ascend with the group index (equal costs), so a prefix removes lowest groups
-        def removed_after(k: int) -> dict[tuple[str, int], int]:
-            removed: dict[tuple[str, int], int] = {}
-            for *_, key in candidates[:k]:
-                removed[key] = removed.get(key, 0) + 1
-            return removed
-
-        low, high = 0, len(candidates)  # the full prefix meets the target (check_reachable)
-        while low < high:
-            middle = (low + high) // 2
-            if self.cost(self.plan(order, removed_after(middle))) <= self.target_cost:
-                high = middle
-            else:
-                low = middle + 1
-        return self.plan(order, removed_after(low))
+        return self._shortest_prefix(order, [[key] for *_, key in candidates])
 
     def _select_uniform(self, order: dict[tuple[str, int], torch.Tensor]) -> PruningPlan:
         """Raise one fraction f for every layer: a layer's j-th group goes when f reaches j * round_to / size. The
@@ -184,16 +171,22 @@ class Selector:
             for j in range(1, self.removable_groups(kind, layer) + 1):
                 threshold = j * self.round_to[kind] / self.sizes[kind][layer]
                 steps.setdefault((threshold, KINDS.index(kind)), []).append(key)
-        ordered = [steps[step] for step in sorted(steps)]
+        return self._shortest_prefix(order, [steps[step] for step in sorted(steps)])
+
+    def _shortest_prefix(
+        self, order: dict[tuple[str, int], torch.Tensor], steps: list[list[tuple[str, int]]]
+    ) -> PruningPlan:
+        """The plan of the shortest prefix of `steps` (each removes one more group from each layer it lists) that
+        meets the target, by bisection: the cost only falls as groups go, and all steps meet it (check_reachable)."""
 
         def removed_after(k: int) -> dict[tuple[str, int], int]:
             removed: dict[tuple[str, int], int] = {}
-            for keys in ordered[:k]:
+            for keys in steps[:k]:
                 for key in keys:
                     removed[key] = removed.get(key, 0) + 1
             return removed
 
-        low, high = 0, len(ordered)  # every step taken meets the target (check_reachable)
+        low, high = 0, len(steps)
         while low < high:
             middle = (low + high) // 2
             if self.cost(self.plan(order, removed_after(middle))) <= self.target_cost:
