@@ -186,6 +186,11 @@ class LatencyTable:
         if device is None:
             device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else "cpu"
         device = torch.device(device)
+        geometries = collections.Counter(_block_dims(config))
+        for dims in geometries:  # the overhead is priced on the config's own blocks: fail now, not after timing
+            for axis, x in zip(AXES, dims):
+                if not axes[axis][0] <= x <= axes[axis][-1]:
+                    raise ValueError(f"grid[{axis!r}]={axes[axis]} does not cover the config's {axis}={x}.")
         tokens = config.num_prefix_tokens + config.num_patches
         attn_implementation = getattr(config, "_attn_implementation", None) or "sdpa"
         shape = tuple(len(axes[axis]) for axis in AXES)
@@ -200,7 +205,6 @@ class LatencyTable:
         )
         pixels = torch.randn(batch_size, config.num_channels, config.image_size, config.image_size, generator=generator)
         pixels = pixels.to(device=device, dtype=dtype)
-        geometries = collections.Counter(_block_dims(config))
         shares = []  # of the whole model's time spent outside its blocks, one per sweep
 
         def time_block(dims: tuple[int, ...]) -> float:

@@ -255,6 +255,8 @@ def test_latency_table_measures_real_blocks():
     assert table.tokens == 17 and table.metadata["device"] == "cpu" and table(config) > 0
     blocks = table(config) - table.overhead
     assert 0 <= table.overhead <= 9 * blocks  # a measured share of the dense model's time, at most 90 %
+    with pytest.raises(ValueError, match="does not cover the config's mlp=128"):
+        LatencyTable.measure(config, batch_size=2, grid={**grid, "mlp": [1, 64]}, repeats=1, warmup=0)
     assert LatencyTable.measure(config, batch_size=1, grid=2, repeats=1, warmup=0).axes["mlp"] == [1, 128]
 
 
