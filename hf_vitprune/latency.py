@@ -51,13 +51,7 @@ FORMAT = "hf_vitprune.LatencyTable"
 
 def _dense_dims(config: PrunedViTConfig) -> dict[str, int]:
     """The largest value of every axis over the blocks of `config` (the top of the default grid)."""
-    return {
-        "embed": max(config.block_dims),
-        "heads": max(config.heads_per_layer),
-        "qk": max(config.qk_head_dims),
-        "v": max(config.v_head_dims),
-        "mlp": max(config.intermediate_sizes),
-    }
+    return dict(zip(AXES, map(max, zip(*_block_dims(config)))))
 
 
 #: Largest share of a model's time `LatencyTable.measure` attributes to what lies outside its blocks.
