@@ -3,13 +3,15 @@
 `evaluate_model` computes top-k accuracy through the `evaluate` metric module shipped in the package
 (`hf_vitprune/metrics/top_k_accuracy`, loaded by path, so it works offline); `measure_latency` times whole forward
 passes. Both run on the device of the model's parameters (CPU or CUDA) and work for PrunedViT as well as any
-transformers or timm classifier.
+transformers or timm classifier. `tune_cpu_allocator` makes CPU timings reflect the model rather than the allocator.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import statistics
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -23,6 +25,35 @@ from .importance import batch_inputs
 from .metrics import TOP_K_ACCURACY
 
 logger = logging.getLogger(__name__)
+
+
+#: glibc `mallopt` parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: The largest mmap threshold glibc accepts on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX).
+_MMAP_THRESHOLD_MAX = 32 * 2**20
+
+
+def tune_cpu_allocator(trim_threshold: int = 2**30) -> bool:
+    """Make glibc's malloc keep freed memory for reuse: serve blocks up to 32 MiB from the heap and return free heap
+    memory to the OS only beyond `trim_threshold` bytes. Returns whether it applied (Linux with glibc only).
+
+    By default glibc maps every block above a moving threshold afresh and unmaps it on free, so each forward pass
+    page-faults on its large activations: the shipped digits ViT at batch 64 takes about 24,000 faults per pass,
+    a third of its CPU time, and the dense model (with the largest activations) pays more than a pruned one, so
+    latency ratios come out inflated and vary by 15 % between runs. This is what jemalloc or tcmalloc (which the
+    PyTorch CPU performance guides recommend) do too. It changes the whole process, so only entry points call it:
+    `make bench`, `make demo` and the CLI.
+    """
+    if isinstance(trim_threshold, bool) or not isinstance(trim_threshold, int) or not 0 < trim_threshold < 2**31:
+        raise ValueError(f"trim_threshold must be an integer in [1, 2**31), got {trim_threshold!r}.")
+    if not sys.platform.startswith("linux"):
+        return False
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # a C library without it (musl) has nothing to tune
+    if mallopt is None:
+        return False
+    applied = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1 and mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
+    logger.debug("tune_cpu_allocator: %s", "applied" if applied else "not supported by this C library")
+    return applied
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
@@ -131,7 +162,8 @@ def compare_latency(
 
     Runs under `torch.inference_mode`, with the accelerator synchronised around each timed pass, on the device and
     dtype of the first model's parameters. `image_size` defaults to `config.image_size` of the first model (the
-    channels to its `config.num_channels`, else 3).
+    channels to its `config.num_channels`, else 3). On CPU under glibc, call `tune_cpu_allocator()` first, or the
+    timings include a page fault per page of every large activation.
     """
     _positive_int("batch_size", batch_size)
     _positive_int("repeats", repeats)
@@ -172,4 +204,4 @@ def compare_latency(
     return [statistics.median(seconds) for seconds in times]
 
 
-__all__ = ["compare_latency", "evaluate_model", "measure_latency"]
+__all__ = ["compare_latency", "evaluate_model", "measure_latency", "tune_cpu_allocator"]

@@ -27,6 +27,7 @@ import argparse
 import json
 from pathlib import Path
 
+from hf_vitprune.evaluation import tune_cpu_allocator
 from hf_vitprune.latency import FORMAT, LatencyTable
 from hf_vitprune.methods.nvit import NVIT_KINDS
 from hf_vitprune.recipes import PruneFn, TargetFn, add_common_args, method_prune_fn, parse_args, run
@@ -76,6 +77,8 @@ def latency_target(args: argparse.Namespace) -> TargetFn | None:
         config = model.config
         if args.measure_latency:
             if accelerator.is_main_process:
+                if accelerator.device.type == "cpu":
+                    tune_cpu_allocator()  # time blocks, not page faults
                 path.parent.mkdir(parents=True, exist_ok=True)
                 table = LatencyTable.measure(
                     config, accelerator.device, batch_size=args.latency_batch_size, grid=args.latency_grid
