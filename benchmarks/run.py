@@ -148,24 +148,24 @@ def uniform_ceiling_row(dense, ratio: float, args) -> dict:
     for embed in range(64, dense.config.hidden_size + 1, 16):
         for heads in range(1, dense.config.num_attention_heads + 1):
             dims = {"hidden_size": embed, "block_dim": embed, "num_attention_heads": heads}
-            configs = [
-                PrunedViTConfig(**{**base, **dims, "intermediate_size": mlp})
-                for mlp in range(16, 2 * dense.config.intermediate_size + 1, 16)
-            ]
-            config = min(configs, key=lambda c: abs(count_macs(c) / dense_macs - ratio))
-            if abs(count_macs(config) / dense_macs - ratio) <= 0.02:
-                shapes.append(config)
+            candidates = []  # (MACs ratio, config) for every MLP width
+            for mlp in range(16, 2 * dense.config.intermediate_size + 1, 16):
+                config = PrunedViTConfig(**{**base, **dims, "intermediate_size": mlp})
+                candidates.append((count_macs(config) / dense_macs, config))
+            macs_ratio, config = min(candidates, key=lambda candidate: abs(candidate[0] - ratio))
+            if abs(macs_ratio - ratio) <= 0.02:
+                shapes.append((macs_ratio, config))
     speedups = []
     for start in range(0, len(shapes), 4):  # dense timed beside every few shapes, as drift affects both alike
-        models = [PrunedViTForImageClassification(config).eval() for config in shapes[start : start + 4]]
+        models = [PrunedViTForImageClassification(config).eval() for _, config in shapes[start : start + 4]]
         dense_s, *seconds = compare_latency([dense, *models], args.batch_size, args.repeats)
         speedups += [dense_s / s for s in seconds]
     best = max(range(len(shapes)), key=speedups.__getitem__)
-    config = shapes[best]
+    macs_ratio, config = shapes[best]
     return {
         "shapes": len(shapes),
         "dims": f"E={config.hidden_size}, heads={config.num_attention_heads}, mlp={config.intermediate_size}",
-        "macs_ratio": count_macs(config) / dense_macs,
+        "macs_ratio": macs_ratio,
         "speedup": speedups[best],
     }
 
