@@ -13,6 +13,7 @@ import argparse
 import copy
 import json
 import logging
+import subprocess
 import sys
 import tempfile
 import threading
@@ -38,6 +39,28 @@ from hf_vitprune.tp import to_hf_vit, tp_prune_vit_to_macs
 logger = logging.getLogger("benchmarks")
 BENCH_DIR = Path(__file__).resolve().parent
 TP_METHODS = {"torch-pruning-magnitude": "magnitude", "torch-pruning-taylor": "taylor"}
+
+#: Run in a fresh interpreter by `allocator_row`: the dense model's page faults and seconds per pass, first under the
+#: C library's default malloc, then tuned.
+ALLOCATOR_PROBE = """
+import json, resource, sys
+from hf_vitprune.evaluation import measure_latency, tune_cpu_allocator
+from hf_vitprune.sample import load_sample_model
+
+model, batch_size, repeats = load_sample_model().eval(), int(sys.argv[1]), int(sys.argv[2])
+
+
+def probe():
+    measure_latency(model, batch_size, repeats=1)  # untimed: the heap grows to its steady size
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    seconds = measure_latency(model, batch_size, repeats=repeats, warmup=0)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    return {"seconds": seconds, "faults_per_pass": faults / repeats}
+
+
+default = probe()
+print(json.dumps({"default": default, "applied": tune_cpu_allocator(), "tuned": probe()}))
+"""
 
 
 class PeakMemory:
@@ -137,6 +160,14 @@ def alignment_row(dense, ratio: float, args) -> dict:
         name: {"embed": model.config.hidden_size, "mlp": model.config.intermediate_sizes[0], "speedup": dense_s / s}
         for (name, model), s in zip(models.items(), seconds)
     }
+
+
+def allocator_row(args) -> dict:
+    """What `tune_cpu_allocator` changes for the dense model, measured in a fresh process (the setting is
+    process-wide, and this one is tuned already)."""
+    command = [sys.executable, "-c", ALLOCATOR_PROBE, str(args.batch_size), str(args.repeats)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def uniform_ceiling_row(dense, ratio: float, args) -> dict:
@@ -252,6 +283,14 @@ def write_results(rows: list[dict], dense: dict, extras: dict, args) -> None:
             f"SAViT's Hessian pass costs {extras['savit_hessian_cost']:.1f}x a plain training step per batch "
             f"(`hessian_cost_ratio`, batch {args.batch_size}).",
         ]
+    default, tuned = extras["allocator"]["default"], extras["allocator"]["tuned"]
+    lines += [
+        "",
+        f"The dense model in a fresh process, batch {args.batch_size}, median of {args.repeats}: under the C library's "
+        f"default malloc {default['faults_per_pass']:,.0f} page faults and {default['seconds'] * 1e3:.1f} ms per "
+        f"pass; after `tune_cpu_allocator()` (applied: {extras['allocator']['applied']}) "
+        f"{tuned['faults_per_pass']:,.0f} and {tuned['seconds'] * 1e3:.1f} ms.",
+    ]
     lines += ["", "![accuracy vs MACs](accuracy_vs_macs.png)"]
     (output / "RESULTS.md").write_text("\n".join(lines) + "\n")
     plot(rows, dense, output / "accuracy_vs_macs.png")
@@ -323,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
         extras = {
             "allocator_tuned": tuned,
+            "allocator": allocator_row(args),
             "stock": stock_vit_row(dense_model, 0.5, args),
             "alignment": alignment_row(dense_model, 0.5, args),
             "ceiling": uniform_ceiling_row(dense_model, 0.5, args),

@@ -38,11 +38,12 @@ def tune_cpu_allocator(trim_threshold: int = 2**30) -> bool:
     memory to the OS only beyond `trim_threshold` bytes. Returns whether it applied (Linux with glibc only).
 
     By default glibc maps every block above a moving threshold afresh and unmaps it on free, so each forward pass
-    page-faults on its large activations: the shipped digits ViT at batch 64 takes 24,000-30,000 faults per
-    pass, a third of its CPU time, and the dense model (with the largest activations) pays more than a pruned one, so
-    latency ratios come out inflated and vary by 15 % between runs. This is what jemalloc or tcmalloc (which the
-    PyTorch CPU performance guides recommend) do too. It changes the whole process, so only entry points call it:
-    `make bench`, `make demo`, the CLI and the NViT recipe (when it measures a latency table on CPU).
+    page-faults on its large activations: the shipped digits ViT at batch 64 takes about 29,000 faults per pass,
+    112 ms instead of 64 ms (`make bench` measures both), and the dense model (with the largest activations) pays more
+    than a pruned one, so latency ratios come out inflated and vary by 15 % between runs. This is what jemalloc or
+    tcmalloc (which the PyTorch CPU performance guides recommend) do too. It changes the whole process, so only
+    entry points call it: `make bench`, `make demo`, the CLI and the NViT recipe (when it measures a latency table
+    on CPU).
     """
     if isinstance(trim_threshold, bool) or not isinstance(trim_threshold, int) or not 0 < trim_threshold < 2**31:
         raise ValueError(f"trim_threshold must be an integer in [1, 2**31), got {trim_threshold!r}.")

@@ -6,8 +6,8 @@ read from a table measured on the target hardware and interpolated multilinearly
 embedding, tokens, final norm and classifier are not modelled there; `LatencyTable` is that model for any device,
 plus one measured constant, `overhead`: the dense model's time outside its blocks (patch embedding, final norm,
 classifier). NViT leaves it out, which makes a latency target optimistic when that part is large (high resolution,
-few blocks); in `make bench` on the digits ViT it was 1.7 ms of 55.9 ms (3 %). A constant changes which plan meets a
-target, not how units rank.
+few blocks); in two runs of `make bench` on the digits ViT it was 1.7 ms of 55.9 ms (3 %) and 6.9 ms of 68.9 ms
+(10 %). A constant changes which plan meets a target, not how units rank.
 
     table = LatencyTable.measure(model.config, batch_size=64)   # times real PrunedViT blocks here (CPU or CUDA)
     table.save("latency.json")
@@ -160,7 +160,7 @@ class LatencyTable:
 
         On CPU under glibc, call `hf_vitprune.evaluation.tune_cpu_allocator()` first (the NViT recipe and `make
         bench` do): with the default allocator every pass page-faults on its large activations, more in the dense
-        model than in a pruned one, and the table comes out 5-13 % optimistic on the digits ViT.
+        model than in a pruned one, and the table's prices mix in the faults.
 
         Args:
             config: the model to price (tokens, LayerNorm, activation, bias and attention implementation are

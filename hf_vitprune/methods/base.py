@@ -16,8 +16,8 @@ from ..structure import PruningPlan, check_kinds, compact
 
 #: Default `round_to`: every matrix width (embedding and block channels, Q/K and V head dims, MLP) kept in
 #: multiples of 8, heads one by one. GEMM kernels and tensor cores want aligned widths (Torch-Pruning recommends 8):
-#: on the digits ViT at 50 % MACs magnitude pruning runs 1.58x faster than dense with round_to=1 (embedding 87)
-#: and 1.71x with these (`make bench`).
+#: on the digits ViT at 50 % MACs magnitude pruning runs 1.49x faster than dense with round_to=1 (embedding 87)
+#: and 1.60x with these (`make bench`).
 ALIGNED_ROUND_TO = {"embed": 8, "channel": 8, "qk": 8, "v": 8, "mlp": 8}
 
 
